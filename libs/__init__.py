@@ -1,0 +1,4 @@
+"""DiM: Diffusion Mamba. `get_nnet(**config.nnet)` builds the backbone."""
+from .nnet import get_nnet
+
+__all__ = ['get_nnet']

@@ -1,0 +1,65 @@
+"""Loading network weights: released `nnet.pth` / `nnet_ema.pth` files (plain state dicts) into a DiM.
+
+A positional table made for another token grid is bilinearly interpolated to the model's, as the
+official loader does (dim-architecture.md §6.2). Every other mismatch is an error listing the keys.
+"""
+import os
+
+import torch
+
+from .dim import interpolate_pos_table
+
+__all__ = ['read_state_dict', 'load_nnet_weights']
+
+_PREFIXES = ('module.', '_orig_mod.')   # DDP and torch.compile wrappers
+
+
+def read_state_dict(path):
+    """A plain state dict from a `.pth` file, on CPU."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"network weights not found: {path}. The released DiM checkpoints (nnet_ema.pth) are linked "
+            "from https://github.com/tyshiwo1/DiM-DiffusionMamba#checkpoints; see README 'Assets'.")
+    state = torch.load(path, map_location='cpu', weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} is not a plain state_dict of tensors (as nnet.pth / nnet_ema.pth are)")
+    return state
+
+
+def _strip_prefixes(state):
+    out = {}
+    for key, value in state.items():
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def load_nnet_weights(model, source):
+    """Load `source` (a path or a state dict) into `model` strictly; returns the model.
+
+    Missing, unexpected or mis-shaped keys raise a RuntimeError that lists them.
+    """
+    name = source if isinstance(source, str) else '<state dict>'
+    state = _strip_prefixes(read_state_dict(source) if isinstance(source, str) else source)
+    own = model.state_dict()
+    table = state.get('additional_embed')
+    if table is not None and table.shape != own['additional_embed'].shape and table.shape[-1] == own['additional_embed'].shape[-1]:
+        side = int(round((own['additional_embed'].shape[1] - 2) ** 0.5))
+        state['additional_embed'] = interpolate_pos_table(table.float(), side, side)
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+    if shapes:
+        problems.append(f"shape mismatches ({len(shapes)}): {shapes}")
+    if problems:
+        raise RuntimeError(f"cannot load {name} into this network (wrong config?):\n  " + "\n  ".join(problems))
+    model.load_state_dict(state, strict=True)
+    return model
