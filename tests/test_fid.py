@@ -1,0 +1,226 @@
+"""libs.fid and scripts/fid_reference_stats.py against pytorch-fid, with random Inception weights (no downloads)."""
+import logging
+import math
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import pytorch_fid.inception
+import torch
+from PIL import Image
+from pytorch_fid.fid_score import calculate_frechet_distance, get_activations
+
+import libs.fid
+from libs.fid import (FID_WEIGHTS_URL, activation_statistics, default_weights_path, fid_from_folder,
+                      fid_inception_v3, folder_activations, frechet_distance, image_files, load_inception,
+                      load_statistics, save_statistics, tensor_activations)
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "fid_reference_stats.py"
+N_IMAGES, BATCH = 6, 4  # two batches, the second one partial
+
+pytestmark = pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # few images: singular covariances
+
+
+def random_inception_state_dict(seed=0):
+    """Random FID-Inception weights that keep activations O(1) (BatchNorm in eval mode uses running stats)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in fid_inception_v3().state_dict().items()}
+    sd = {}
+    for key, shape in shapes.items():
+        if key.endswith("num_batches_tracked"):
+            sd[key] = torch.tensor(0)
+        elif len(shape) == 4:
+            sd[key] = torch.randn(shape, generator=g) * math.sqrt(2 / math.prod(shape[1:]))
+        elif key.endswith("running_var"):
+            sd[key] = 0.5 + torch.rand(shape, generator=g)
+        elif key.endswith("bn.weight"):
+            sd[key] = 1 + 0.1 * torch.randn(shape, generator=g)
+        else:
+            sd[key] = 0.1 * torch.randn(shape, generator=g)
+    return sd
+
+
+@pytest.fixture(scope="module")
+def weights_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("inception") / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(random_inception_state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(weights_path):
+    return load_inception(weights_path, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def image_data(tmp_path_factory):
+    """(uint8 NHWC array, folder holding the same images as PNGs plus a non-image file)."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(N_IMAGES, 32, 32, 3), dtype=np.uint8)
+    folder = tmp_path_factory.mktemp("images")
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / f"{i:03d}.png")
+    (folder / "notes.txt").write_text("not an image")
+    return images, folder
+
+
+@pytest.fixture(scope="module")
+def folder_acts(model, image_data):
+    return folder_activations(str(image_data[1]), model, batch_size=BATCH, num_workers=0, progress=False)
+
+
+def random_stats(rng, dim=32, n=100):
+    act = rng.normal(size=(n, dim)) @ rng.normal(size=(dim, dim)) + rng.normal(size=dim)
+    return act.mean(axis=0), np.cov(act, rowvar=False)
+
+
+def test_frechet_distance_matches_pytorch_fid():
+    rng = np.random.default_rng(1)
+    for dim, n in [(32, 100), (32, 100), (64, 20)]:  # the last pair is rank-deficient
+        mu1, s1 = random_stats(rng, dim, n)
+        mu2, s2 = random_stats(rng, dim, n)
+        ours = frechet_distance(mu1, s1, mu2, s2)
+        assert ours == pytest.approx(calculate_frechet_distance(mu1, s1, mu2, s2), rel=1e-9)
+        assert ours > 0
+    with pytest.raises(ValueError, match="shape"):
+        frechet_distance(mu1, s1, mu2[:-1], s2[:-1, :-1])
+
+
+def test_fid_of_a_set_with_itself_is_zero(folder_acts):
+    mu, sigma = random_stats(np.random.default_rng(2))
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-8 * np.trace(sigma)
+    # Real (rank-deficient) activations; a slice of the features, as sqrtm of 2048x2048 takes ~1 min on 2 cores.
+    mu, sigma = activation_statistics(folder_acts[:, -256:])
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-4 * np.trace(sigma)
+
+
+def test_activation_statistics(folder_acts):
+    mu, sigma = activation_statistics(folder_acts.astype(np.float32))
+    assert mu.dtype == sigma.dtype == np.float64 and mu.shape == (2048,) and sigma.shape == (2048, 2048)
+    np.testing.assert_allclose(sigma, np.cov(folder_acts, rowvar=False), rtol=1e-6, atol=1e-12)
+    with pytest.raises(ValueError, match="N>=2"):
+        activation_statistics(folder_acts[:1])
+
+
+def test_activations_match_pytorch_fid(weights_path, model, image_data, folder_acts):
+    images, folder = image_data
+    state_dict = torch.load(weights_path, weights_only=True)
+    with mock.patch.object(pytorch_fid.inception, "load_state_dict_from_url", return_value=state_dict):
+        reference = pytorch_fid.inception.InceptionV3([3]).eval()
+    files = [str(folder / f"{i:03d}.png") for i in range(N_IMAGES)]
+    expected = get_activations(files, reference, batch_size=BATCH, dims=2048, device="cpu", num_workers=0)
+    assert folder_acts.shape == (N_IMAGES, 2048) and folder_acts.std() > 1e-2
+    np.testing.assert_allclose(folder_acts, expected, rtol=1e-4, atol=1e-5)
+
+    tensors = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    in_memory = tensor_activations(tensors, model, batch_size=BATCH, progress=False)
+    np.testing.assert_allclose(in_memory, folder_acts, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        direct = reference(tensors[:BATCH])[0].flatten(1).numpy()
+    np.testing.assert_allclose(in_memory[:BATCH], direct, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="float images"):
+        tensor_activations(torch.from_numpy(images).permute(0, 3, 1, 2), model)
+
+
+def test_image_files(image_data, tmp_path):
+    files = image_files(str(image_data[1]))
+    assert [os.path.basename(f) for f in files] == [f"{i:03d}.png" for i in range(N_IMAGES)]
+    with pytest.raises(ValueError, match="no .png"):
+        image_files(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="missing"):
+        image_files(str(tmp_path / "missing"))
+
+
+def test_missing_weights_name_path_and_url_and_nothing_is_downloaded(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    default = tmp_path / "hub" / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth"
+    assert default_weights_path() == str(default)
+    with pytest.raises(FileNotFoundError) as err:
+        load_inception()
+    assert str(default) in str(err.value) and FID_WEIGHTS_URL in str(err.value)
+    assert not default.exists()
+
+
+def test_wrong_weights_file(tmp_path):
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match=r"(?s)bad.pth.*Missing key"):
+        load_inception(tmp_path / "bad.pth", device="cpu")
+
+
+def test_statistics_files(tmp_path):
+    mu, sigma = random_stats(np.random.default_rng(3))
+    path = tmp_path / "sub" / "ref_stats"  # no .npz suffix: written exactly there
+    save_statistics(str(path), mu, sigma)
+    assert path.is_file()
+    mu2, sigma2 = load_statistics(str(path))
+    np.testing.assert_array_equal(mu2, mu)
+    np.testing.assert_array_equal(sigma2, sigma)
+
+    missing = tmp_path / "fid_stats_imagenet256_guided_diffusion.npz"
+    with pytest.raises(FileNotFoundError) as err:
+        load_statistics(str(missing))
+    assert str(missing) in str(err.value) and "fid_stats/" in str(err.value) and "U-ViT" in str(err.value)
+    np.savez(tmp_path / "other.npz", m=mu)
+    with pytest.raises(ValueError, match="'m'"):
+        load_statistics(str(tmp_path / "other.npz"))
+
+
+def test_fid_from_folder(tmp_path, weights_path, image_data, folder_acts, monkeypatch):
+    folder = str(image_data[1])
+    mu, sigma = activation_statistics(folder_acts)
+    mu_ref, sigma_ref = mu + 1.0, np.eye(2048)
+    save_statistics(str(tmp_path / "ref.npz"), mu_ref, sigma_ref)
+    calls = []
+
+    def fake_distance(*stats):  # the 2048-d distance is slow on CPU; it is tested above on smaller statistics
+        calls.append(stats)
+        return 1.5
+
+    monkeypatch.setattr(libs.fid, "frechet_distance", fake_distance)
+    fid = fid_from_folder(folder, str(tmp_path / "ref.npz"), weights_path=str(weights_path), batch_size=BATCH,
+                          device="cpu", num_workers=0, progress=False)
+    assert fid == 1.5 and len(calls) == 1
+    for got, want in zip(calls[0], (mu, sigma, mu_ref, sigma_ref)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    with pytest.raises(FileNotFoundError, match="missing.npz"):  # statistics are checked before the weights
+        fid_from_folder(folder, str(tmp_path / "missing.npz"), weights_path=str(tmp_path / "none.pth"))
+
+
+def test_stats_script_on_folder_and_npz(tmp_path, weights_path, image_data, folder_acts, caplog):
+    images, folder = image_data
+    mu, sigma = activation_statistics(folder_acts)
+    main = runpy.run_path(str(SCRIPT))["main"]
+    common = ["--weights", str(weights_path), "--batch-size", str(BATCH), "--device", "cpu"]
+
+    caplog.set_level(logging.INFO)
+    main([str(folder), str(tmp_path / "folder.npz"), "--num-workers", "0", *common])
+    assert str(tmp_path / "folder.npz") in caplog.text
+    np.savez(tmp_path / "batch.npz", arr_0=images, arr_1=np.arange(N_IMAGES))  # ADM reference-batch layout
+    main([str(tmp_path / "batch.npz"), str(tmp_path / "uint8.npz"), *common])
+    for name in ("folder.npz", "uint8.npz"):
+        mu2, sigma2 = load_statistics(str(tmp_path / name))
+        np.testing.assert_allclose(mu2, mu, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(sigma2, sigma, rtol=1e-4, atol=1e-7)
+
+    np.savez(tmp_path / "float.npz", images=images.transpose(0, 3, 1, 2).astype(np.float32) / 255)
+    with pytest.raises(KeyError, match="arr_0.*images"):
+        main([str(tmp_path / "float.npz"), str(tmp_path / "x.npz"), *common])
+    np.savez(tmp_path / "signed.npz", arr_0=images.astype(np.float32) / 127.5 - 1)
+    with pytest.raises(ValueError, match=r"\[0,1\]"):
+        main([str(tmp_path / "signed.npz"), str(tmp_path / "x.npz"), *common])
+
+    out = tmp_path / "float_stats.npz"
+    run = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "float.npz"), str(out), "--key", "images",
+                          *common], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert str(out) in run.stderr
+    mu2, sigma2 = load_statistics(str(out))
+    np.testing.assert_allclose(mu2, mu, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sigma2, sigma, rtol=1e-4, atol=1e-7)
