@@ -1,0 +1,36 @@
+"""Deterministic, resumable batches for every process: micro-batch s of rank r is a fixed index slice.
+
+Epoch e shuffles the data with a generator seeded by (seed, e); global micro-batch s takes the next
+`global_batch` indices of that permutation (the remainder of an epoch is dropped), and rank r takes
+its contiguous share. Starting at micro-batch s reproduces exactly what an uninterrupted run sees.
+"""
+import torch
+
+__all__ = ['StepBatchSampler']
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Endless iterator of index lists (per-rank micro-batches), starting at micro-batch `start`."""
+
+    def __init__(self, n_items, global_batch, rank=0, world_size=1, seed=0, start=0):
+        if global_batch % world_size:
+            raise ValueError(f"the global batch size {global_batch} is not divisible by {world_size} processes")
+        if n_items < global_batch:
+            raise ValueError(f"the data set has {n_items} items, fewer than one global batch of {global_batch}")
+        self.n, self.global_batch, self.seed, self.start = n_items, global_batch, seed, start
+        self.per_rank = global_batch // world_size
+        self.offset = rank * self.per_rank
+        self.batches_per_epoch = n_items // global_batch
+
+    def __iter__(self):
+        s, epoch, perm = self.start, None, None
+        while True:
+            e, k = divmod(s, self.batches_per_epoch)
+            if e != epoch:
+                epoch, perm = e, torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + e))
+            begin = k * self.global_batch + self.offset
+            yield perm[begin:begin + self.per_rank].tolist()
+            s += 1
+
+    def __len__(self):
+        return self.batches_per_epoch

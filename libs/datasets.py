@@ -1,0 +1,177 @@
+"""Training data sets: `get_dataset(**config.dataset)`.
+
+Items are deterministic `(x, label)` pairs: random flips and CFG label dropout are applied in the
+train step from a seeded generator (`augment_batch`), so a resumed run sees exactly the same data.
+Every data set exposes `num_classes` (K; the null class is K), `kind` ('pixels' or 'moments'),
+`item_shape`, `random_flip` and `label_weights` (class frequencies for sampling labels, or None).
+"""
+import inspect
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+__all__ = ['get_dataset', 'augment_batch', 'center_crop_arr', 'DATASETS']
+
+
+class Digits(Dataset):
+    """scikit-learn's 1,797 labelled 8x8 digits, upsampled to `resolution`, in [-1, 1]. Needs no download."""
+    kind, num_classes, label_weights = 'pixels', 10, None
+
+    def __init__(self, resolution=16, random_flip=False):
+        from sklearn.datasets import load_digits
+        if resolution < 8:
+            raise ValueError(f"digits resolution must be >= 8, got {resolution}")
+        digits = load_digits()
+        x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0 * 2 - 1   # (1797, 1, 8, 8)
+        if resolution != 8:
+            x = F.interpolate(x, size=(resolution, resolution), mode='bilinear', align_corners=False)
+        self.x, self.y = x, torch.tensor(digits.target, dtype=torch.long)
+        self.item_shape, self.random_flip = tuple(x.shape[1:]), random_flip
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+class Cifar10(Dataset):
+    """torchvision CIFAR-10 train split from a local folder (no download), 3x32x32 in [-1, 1]."""
+    kind, num_classes, label_weights, item_shape = 'pixels', 10, None, (3, 32, 32)
+
+    def __init__(self, path, random_flip=True):
+        import torchvision
+        try:
+            self.data = torchvision.datasets.CIFAR10(path, train=True, download=False)
+        except RuntimeError as e:
+            raise FileNotFoundError(
+                f"CIFAR-10 not found under {path} (expected {path}/cifar-10-batches-py). Download the python "
+                "version from https://www.cs.toronto.edu/~kriz/cifar.html and extract it there.") from e
+        self.random_flip = random_flip
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        img, label = self.data[i]
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+        return x, torch.tensor(label)
+
+
+def center_crop_arr(img, resolution):
+    """ADM's centre crop: halve with BOX while the short side >= 2*res, BICUBIC to short side = res, crop."""
+    while min(img.size) >= 2 * resolution:
+        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
+    scale = resolution / min(img.size)
+    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
+    arr = np.asarray(img)
+    top, left = (arr.shape[0] - resolution) // 2, (arr.shape[1] - resolution) // 2
+    return arr[top:top + resolution, left:left + resolution]
+
+
+class ImageNet(Dataset):
+    """Raw ImageNet train images (<path>/train/<wnid>/<wnid>_*.JPEG), ADM centre crop, in [-1, 1].
+
+    The label is the index of the file-name prefix (the wnid) among the sorted wnids, as in the official code.
+    Encoded by the autoencoder in the train step.
+    """
+    kind = 'pixels'
+    EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif')
+
+    def __init__(self, path, resolution=256, random_flip=True):
+        root = os.path.join(path, 'train')
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"ImageNet train folder not found: {root} (expected <path>/train/<wnid>/*.JPEG)")
+        files = sorted(os.path.join(d, f) for d, _, names in os.walk(root) for f in names
+                       if f.lower().endswith(self.EXTENSIONS))
+        if not files:
+            raise FileNotFoundError(f"no images under {root}")
+        wnids = [os.path.basename(f).split('_')[0] for f in files]
+        classes = {w: k for k, w in enumerate(sorted(set(wnids)))}
+        self.files, self.labels = files, torch.tensor([classes[w] for w in wnids])
+        self.num_classes = len(classes)
+        self.label_weights = torch.bincount(self.labels, minlength=self.num_classes).double()
+        self.resolution, self.random_flip = resolution, random_flip
+        self.item_shape = (3, resolution, resolution)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        with Image.open(self.files[i]) as img:
+            arr = center_crop_arr(img.convert('RGB'), self.resolution)
+        return torch.from_numpy(arr.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1, self.labels[i]
+
+
+class LatentFeatures(Dataset):
+    """Precomputed autoencoder moments (mean | logvar, 2C x h x w) and labels, one file per item.
+
+    Reads the official format `{idx}.npy.npz` (arrays `z`, `label`) and U-ViT's `{idx}.npy` (a pickled
+    (moments, label) tuple). Flipped copies are stored as extra items by the extraction script.
+    """
+    kind, num_classes, label_weights, random_flip = 'moments', 1000, None, False
+
+    def __init__(self, path):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"feature folder not found: {path} (make it with scripts/extract_features.py)")
+        names = os.listdir(path)
+        self.suffix = '.npy.npz' if '0.npy.npz' in names else '.npy'
+        self.path, self.n = path, sum(1 for f in names if f.endswith(self.suffix) and f[:-len(self.suffix)].isdigit())
+        if self.n == 0 or f'0{self.suffix}' not in names:
+            raise FileNotFoundError(f"no feature files ({{idx}}.npy.npz or {{idx}}.npy) in {path}")
+        self.item_shape = tuple(self[0][0].shape)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        file = os.path.join(self.path, f'{i}{self.suffix}')
+        if self.suffix == '.npy.npz':
+            with np.load(file) as f:
+                z, label = f['z'], f['label']
+        else:
+            z, label = np.load(file, allow_pickle=True)
+        return torch.from_numpy(np.asarray(z, dtype=np.float32)), torch.tensor(int(label))
+
+
+DATASETS = {
+    'digits': lambda path=None, resolution=16, random_flip=False: Digits(resolution, random_flip),
+    'cifar10': lambda path, random_flip=True: Cifar10(path, random_flip),
+    'imagenet': lambda path, resolution=256, random_flip=True: ImageNet(path, resolution, random_flip),
+    'imagenet256_features': lambda path: LatentFeatures(path),
+    'imagenet512_features': lambda path: LatentFeatures(path),
+}
+# Keys of config.dataset read by the train and eval scripts, not by the data set itself.
+SCRIPT_KEYS = ('cfg', 'p_uncond', 'fid_stat')
+
+
+def get_dataset(name, **kwargs):
+    """`get_dataset(**config.dataset)`."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; expected one of {sorted(DATASETS)}")
+    args = {k: v for k, v in kwargs.items() if k not in SCRIPT_KEYS}
+    try:
+        inspect.signature(DATASETS[name]).bind(**args)
+    except TypeError as e:
+        raise ValueError(f"bad config.dataset keys for {name!r}: {e}") from None
+    return DATASETS[name](**args)
+
+
+def augment_batch(x, y, dataset, p_uncond, conditional, generator):
+    """Random horizontal flips (if the data set uses them) and CFG label dropout to the null class K.
+
+    x (B, C, H, W), y (B,). Unconditional training (conditional=False) always feeds the null class.
+    """
+    B = x.shape[0]
+    if dataset.random_flip:
+        flip = torch.rand(B, generator=generator) < 0.5
+        x = torch.where(flip.view(B, 1, 1, 1).to(x.device), x.flip(-1), x)
+    K = dataset.num_classes
+    if not conditional:
+        return x, torch.full_like(y, K)
+    drop = torch.rand(B, generator=generator) < p_uncond
+    return x, torch.where(drop.to(y.device), torch.full_like(y, K), y)

@@ -1,0 +1,41 @@
+"""Optimiser, learning-rate schedule and EMA, as the official training (dim-pipeline.md §2)."""
+import copy
+
+import torch
+
+__all__ = ['make_optimizer', 'make_lr_scheduler', 'make_ema', 'ema_update']
+
+
+def make_optimizer(params, name='adamw', lr=2e-4, weight_decay=0.03, betas=(0.9, 0.999), eps=1e-8):
+    """AdamW over one parameter group (every parameter decayed, as the official code)."""
+    if name != 'adamw':
+        raise ValueError(f"config.optimizer.name={name!r} is not supported (only 'adamw')")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+
+
+def _warmup_factor(warmup_steps):
+    def factor(step):
+        return max(0.0, min(step / warmup_steps, 1.0)) if warmup_steps > 0 else 1.0
+    return factor
+
+
+def make_lr_scheduler(optimizer, name='customized', warmup_steps=0):
+    """'customized': linear warm-up over `warmup_steps` optimiser steps, then constant (step 1 runs at lr 0)."""
+    if name != 'customized':
+        raise ValueError(f"config.lr_scheduler.name={name!r} is not supported (only 'customized')")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_factor(warmup_steps))
+
+
+def make_ema(model):
+    """An fp32 copy of `model` in eval mode, without gradients."""
+    ema = copy.deepcopy(model).float().eval()
+    ema.requires_grad_(False)
+    return ema
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay=0.9999):
+    """ema <- decay * ema + (1 - decay) * model, parameters only (the model has no buffers)."""
+    ema_params = list(ema.parameters())
+    params = [p.detach().float() for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
