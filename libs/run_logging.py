@@ -23,6 +23,7 @@ class MetricLog:
 
     def __init__(self, workdir, config, project, name):
         self.path = os.path.join(workdir, 'log.jsonl')
+        open(self.path, 'a').close()
         self.wandb = None
         mode = os.environ.setdefault('WANDB_MODE', 'offline')
         if mode != 'disabled':
