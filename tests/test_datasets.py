@@ -1,0 +1,83 @@
+"""Data sets: the embedded digits, latent-feature files in both formats, raw ImageNet folders, augmentation."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from libs.datasets import augment_batch, center_crop_arr, get_dataset
+
+
+def test_digits_are_resized_labelled_and_in_range():
+    d = get_dataset('digits', resolution=16, cfg=True, p_uncond=0.1)
+    x, y = d[7]
+    assert len(d) == 1797 and d.item_shape == (1, 16, 16) and d.num_classes == 10
+    assert x.shape == (1, 16, 16) and -1 <= x.min() and x.max() <= 1 and 0 <= int(y) < 10
+    assert d.random_flip is False and d.kind == 'pixels'
+    d32 = get_dataset('digits', resolution=32)
+    assert d32[7][0].shape == (1, 32, 32)
+    assert torch.allclose(torch.nn.functional.avg_pool2d(d32[7][0], 4), torch.nn.functional.avg_pool2d(x, 2), atol=0.05)
+
+
+@pytest.mark.parametrize('fmt', ['official', 'uvit'])
+def test_feature_files_in_both_formats(tmp_path, fmt):
+    rng = np.random.default_rng(0)
+    moments = rng.standard_normal((3, 8, 4, 4)).astype(np.float32)
+    for i in range(3):
+        if fmt == 'official':
+            np.savez(tmp_path / f'{i}.npy', z=moments[i], label=np.int64(i + 5))   # numpy appends .npz
+        else:
+            np.save(tmp_path / f'{i}.npy', np.array((moments[i], i + 5), dtype=object), allow_pickle=True)
+    d = get_dataset('imagenet256_features', path=str(tmp_path), cfg=True, p_uncond=0.15)
+    assert len(d) == 3 and d.item_shape == (8, 4, 4) and d.kind == 'moments'
+    for i in range(3):
+        z, label = d[i]
+        assert np.array_equal(z.numpy(), moments[i]) and int(label) == i + 5
+
+
+def test_raw_imagenet_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for wnid, sizes in [('n02', [(70, 50)]), ('n01', [(40, 90), (64, 64)])]:
+        (tmp_path / 'train' / wnid).mkdir(parents=True)
+        for k, (w, h) in enumerate(sizes):
+            arr = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(tmp_path / 'train' / wnid / f'{wnid}_{k}.JPEG')
+    d = get_dataset('imagenet', path=str(tmp_path), resolution=32)
+    assert len(d) == 3 and d.num_classes == 2
+    assert sorted(int(d[i][1]) for i in range(3)) == [0, 0, 1]             # n01 -> 0, n02 -> 1
+    assert d[0][0].shape == (3, 32, 32) and d[0][0].abs().max() <= 1
+    assert d.label_weights.tolist() == [2.0, 1.0]
+
+
+def test_adm_center_crop():
+    img = Image.fromarray(np.zeros((300, 700, 3), dtype=np.uint8))
+    assert center_crop_arr(img, 64).shape == (64, 64, 3)
+
+
+def test_missing_and_unknown_data():
+    with pytest.raises(FileNotFoundError, match='CIFAR-10 not found under /nonexistent'):
+        get_dataset('cifar10', path='/nonexistent', random_flip=True)
+    with pytest.raises(FileNotFoundError, match='/nonexistent/train'):
+        get_dataset('imagenet', path='/nonexistent')
+    with pytest.raises(FileNotFoundError, match='feature folder not found'):
+        get_dataset('imagenet512_features', path='/nonexistent')
+    with pytest.raises(ValueError, match="unknown data set 'svhn'"):
+        get_dataset('svhn')
+    with pytest.raises(ValueError, match='bad config.dataset keys'):
+        get_dataset('digits', path='x', resolution=16, random_crop=True)
+
+
+class _Flippy:
+    num_classes, random_flip = 10, True
+
+
+def test_augmentation_flips_and_drops_labels():
+    x = torch.arange(2 * 1 * 2 * 3, dtype=torch.float32).view(2, 1, 2, 3).repeat(500, 1, 1, 1)
+    y = torch.randint(0, 10, (1000,))
+    g = torch.Generator().manual_seed(0)
+    xa, ya = augment_batch(x, y, _Flippy(), 0.15, True, g)
+    flipped = (xa == x.flip(-1)).all(dim=(1, 2, 3))
+    assert 0.4 < flipped.float().mean() < 0.6 and ((xa == x).all(dim=(1, 2, 3)) | flipped).all()
+    dropped = ya == 10
+    assert 0.11 < dropped.float().mean() < 0.19 and (ya[~dropped] == y[~dropped]).all()
+    _, yu = augment_batch(x, y, _Flippy(), 0.15, False, g)
+    assert (yu == 10).all()                                                  # unconditional: always null class
