@@ -13,7 +13,7 @@ import time
 import torch
 from absl import app, flags
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from ml_collections import config_flags
 from torchvision.utils import save_image
 from tqdm import tqdm
@@ -94,10 +94,14 @@ class Trainer:
         self.start_time, self.samples_per_sec = time.time(), 0.0
         if states is not None:
             self._restore(states)
-            logging.info('resumed from %s/%d.ckpt', self.ckpt_root, self.step)
         self.nnet.to(acc.device)
         self.ema.to(acc.device)
         self.nnet, self.optimizer = acc.prepare(self.nnet, self.optimizer)
+        # DeepSpeed ZeRO and FSDP shard the optimiser state: each process keeps its own part.
+        self.sharded = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        if states is not None:
+            self._restore_optimizer(states['optimizer.pth'])
+            logging.info('resumed from %s/%d.ckpt', self.ckpt_root, self.step)
 
         GA = acc.gradient_accumulation_steps
         self.sampler = StepBatchSampler(len(self.dataset), tc.batch_size, acc.process_index, acc.num_processes,
@@ -117,7 +121,6 @@ class Trainer:
     def _restore(self, states):
         self.nnet.load_state_dict(states['nnet.pth'])
         self.ema.load_state_dict(states['nnet_ema.pth'])
-        self.optimizer.load_state_dict(states['optimizer.pth'])
         self.lr_scheduler.load_state_dict(states['lr_scheduler.pth'])
         rng = states['rng.pth']
         rank = self.accelerator.process_index
@@ -128,14 +131,24 @@ class Trainer:
                             rng['world_size'], self.accelerator.num_processes)
             self.generator.manual_seed(self.config.seed * 1000 + rank + 7919 * self.step)
 
+    def _restore_optimizer(self, state):
+        if self.sharded:
+            if not isinstance(state, list) or len(state) != self.accelerator.num_processes:
+                raise RuntimeError('the checkpoint\'s optimizer state was sharded over a different number of '
+                                   'processes (or not sharded); resume with the same launch configuration')
+            state = state[self.accelerator.process_index]
+        self.optimizer.load_state_dict(state)
+
     def save(self):
         acc = self.accelerator
         generators = gather_object([self.generator.get_state()])
+        nnet_state = acc.get_state_dict(self.nnet)              # gathered from all processes if sharded
+        optimizer_state = gather_object([self.optimizer.state_dict()]) if self.sharded else self.optimizer.state_dict()
         if self.is_main:
             path = save_checkpoint(self.ckpt_root, self.step, {
-                'nnet.pth': acc.unwrap_model(self.nnet).state_dict(),
+                'nnet.pth': nnet_state,
                 'nnet_ema.pth': self.ema.state_dict(),
-                'optimizer.pth': self.optimizer.state_dict(),
+                'optimizer.pth': optimizer_state,
                 'lr_scheduler.pth': self.lr_scheduler.state_dict(),
                 'step.pth': self.step,
                 'rng.pth': {'world_size': acc.num_processes, 'generators': generators},
@@ -176,14 +189,23 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
             losses.append(acc.gather(loss.detach()))
         self.lr_scheduler.step()
-        ema_update(self.ema, acc.unwrap_model(self.nnet), self.config.train.get('ema_rate', 0.9999))
+        self.update_ema()
         self.step += 1
         loss = torch.cat(losses).mean().item()
         if not torch.isfinite(torch.tensor(loss)):
             raise FloatingPointError(
                 f"training loss became {loss} at step {self.step}; stopping. The last complete checkpoint in "
                 f"{self.ckpt_root} is kept (lower the learning rate or enable gradient clipping).")
-        return loss, float(grad_norm)
+        return loss, float('nan') if grad_norm is None else float(grad_norm)   # DeepSpeed clips itself
+
+    def update_ema(self):
+        decay, acc = self.config.train.get('ema_rate', 0.9999), self.accelerator
+        if acc.distributed_type == DistributedType.FSDP:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+            with FullyShardedDataParallel.summon_full_params(self.nnet, writeback=False):
+                ema_update(self.ema, acc.unwrap_model(self.nnet), decay)
+        else:
+            ema_update(self.ema, acc.unwrap_model(self.nnet), decay)
 
     @torch.no_grad()
     def sample_grid(self):
