@@ -43,5 +43,5 @@ def get_config():
                       algorithm='dpm_solver_upsample_g', cfg=True, scale=3.0,
                       ug_theta=1.0, ug_eta=0.3, ug_T=1.0,
                       vis_label=None,  # e.g. 330 rabbit, 388 panda, 291 lion, 283 cat
-                      path=f'workdir/imagenet512_H_DiM_upsample/{512 * MULTI_TIMES}')
+                      path='')  # default: workdir/<config>/eval/<checkpoint>
     return config

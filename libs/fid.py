@@ -18,6 +18,7 @@ from PIL import Image
 from pytorch_fid.inception import (FID_WEIGHTS_URL, FIDInceptionA, FIDInceptionC, FIDInceptionE_1,
                                    FIDInceptionE_2)
 from scipy import linalg
+from scipy.linalg import lapack
 from torchvision.transforms.functional import to_tensor
 from tqdm import tqdm
 
@@ -152,28 +153,49 @@ def activation_statistics(act: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return act.mean(axis=0), np.cov(act, rowvar=False)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-    """||mu1-mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)), pytorch-fid's algorithm.
+def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """Tr sqrtm(sigma1 sigma2) of two symmetric PSD (D,D) matrices, exactly, without a general matrix sqrt.
 
-    A non-finite matrix square root is retried with ``eps`` added to both diagonals; imaginary parts of its
-    diagonal above 1e-3 raise ValueError, smaller ones are dropped.
+    With sigma1 = F F^T (pivoted Cholesky, F of shape (D, rank)), sigma1 sigma2 has the same nonzero eigenvalues
+    as the symmetric PSD matrix F^T sigma2 F, and Tr sqrtm(A) is the sum of the square roots of A's eigenvalues.
+    Eigenvalues below -1e-6 * max(1, largest) mean an input is not PSD (ValueError); smaller negative ones are
+    rounding and count as 0. For D = 2048 about 1-2 s on 2 CPU cores, against 12-80 s for scipy's sqrtm.
     """
-    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
-    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    c, piv, rank, info = lapack.dpstrf(sigma1, lower=1)  # P^T sigma1 P = L L^T; stops at rank (info > 0)
+    if info < 0:
+        raise ValueError(f"FID: pivoted Cholesky failed (LAPACK info {info})")
+    factor = np.empty((len(sigma1), rank))
+    factor[piv - 1] = np.tril(c)[:, :rank]
+    eigvals = linalg.eigh(factor.T @ sigma2 @ factor, eigvals_only=True) if rank else np.zeros(1)
+    if eigvals.min() < -1e-6 * max(1.0, eigvals.max()):
+        raise ValueError(f"FID: sigma1 sigma2 has a negative eigenvalue {eigvals.min():g}; the statistics "
+                         "are not covariance matrices")
+    return float(np.sqrt(np.clip(eigvals, 0, None)).sum())
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """||mu1-mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)): pytorch-fid's distance, computed exactly
+    from symmetric eigenvalues (:func:`_trace_sqrt_product`) instead of scipy's sqrtm.
+
+    A non-finite trace is retried with ``eps`` added to both diagonals, as pytorch-fid does; still non-finite
+    raises ValueError.
+    """
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"statistics differ in shape: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {sigma1.shape} vs {sigma2.shape}")
+    sigma1, sigma2 = (sigma1 + sigma1.T) / 2, (sigma2 + sigma2.T) / 2  # np.cov is symmetric up to rounding
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1.dot(sigma2))
-    if not np.isfinite(covmean).all():
-        log.warning("FID: singular product of covariances; adding %g to their diagonals", eps)
+    tr_covmean = _trace_sqrt_product(sigma1, sigma2)
+    if not np.isfinite(tr_covmean):
+        log.warning("FID: non-finite Tr sqrtm(sigma1 sigma2); adding %g to the diagonals", eps)
         offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"FID: imaginary component {np.max(np.abs(covmean.imag)):g} in sqrtm(sigma1 sigma2)")
-        covmean = covmean.real
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+        tr_covmean = _trace_sqrt_product(sigma1 + offset, sigma2 + offset)
+    fid = float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    if not np.isfinite(fid):
+        raise ValueError("FID: the statistics hold non-finite values")
+    return fid
 
 
 def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:

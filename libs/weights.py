@@ -9,7 +9,7 @@ import torch
 
 from .dim import interpolate_pos_table
 
-__all__ = ['read_state_dict', 'load_nnet_weights']
+__all__ = ['read_state_dict', 'strip_wrapper_prefixes', 'load_nnet_weights']
 
 _PREFIXES = ('module.', '_orig_mod.')   # DDP and torch.compile wrappers
 
@@ -26,7 +26,7 @@ def read_state_dict(path):
     return state
 
 
-def _strip_prefixes(state):
+def strip_wrapper_prefixes(state):
     out = {}
     for key, value in state.items():
         for prefix in _PREFIXES:
@@ -42,7 +42,7 @@ def load_nnet_weights(model, source):
     Missing, unexpected or mis-shaped keys raise a RuntimeError that lists them.
     """
     name = source if isinstance(source, str) else '<state dict>'
-    state = _strip_prefixes(read_state_dict(source) if isinstance(source, str) else source)
+    state = strip_wrapper_prefixes(read_state_dict(source) if isinstance(source, str) else source)
     own = model.state_dict()
     table = state.get('additional_embed')
     if table is not None and table.shape != own['additional_embed'].shape and table.shape[-1] == own['additional_embed'].shape[-1]:

@@ -1,0 +1,258 @@
+"""eval_ldm_discrete.py end to end on CPU with a tiny random DiM, a tiny LDM-format VAE and a random FID Inception,
+all written by the test (nothing downloaded): 1 and 2 processes, restart, other runs, missing files, upsampling."""
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import eval_ldm_discrete as ev
+from conftest import ROOT
+from libs import get_nnet
+from libs.config_loader import load_config
+from libs.fid import image_files
+from test_autoencoder import SMALL, random_ldm_state_dict
+from test_fid import random_inception_state_dict
+
+SCRIPT = str(ROOT / 'eval_ldm_discrete.py')
+TINY = dict(name='Mamba_DiT_S_2', attention_head_dim=32, num_layers=3, in_channels=4, sample_size=4,
+            num_embeds_ada_norm=10)
+N, BATCH = 7, 3  # three batches, the last one partial
+CONFIG = '''
+import ml_collections
+
+
+def d(**kwargs):
+    return ml_collections.ConfigDict(initial_dictionary=kwargs)
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+    config.seed = 7
+    config.z_shape = (4, 4, 4)  # the tiny VAE upsamples x2: 8x8 images
+    config.autoencoder = d(pretrained_path={vae!r})
+    config.nnet = d(**{nnet!r})
+    config.dataset = d(name='imagenet256_features', path='unused', fid_stat={stats!r})
+    config.sample = d(sample_steps=50, n_samples={n}, mini_batch_size={batch}, algorithm='dpm_solver', cfg=True,
+                      scale=0.4, path='', inception_path={inception!r})
+    return config
+'''
+
+pytestmark = pytest.mark.filterwarnings('ignore::scipy.linalg.LinAlgWarning')
+
+
+@pytest.fixture(scope='module')
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp('assets')
+    paths = {k: str(root / v) for k, v in dict(nnet='ckpts/100.ckpt/nnet_ema.pth', vae='autoencoder_kl_ema.pth',
+                                                  inception='pt_inception.pth', stats='fid_stats.npz',
+                                                  config='tiny_eval.py').items()}
+    os.makedirs(os.path.dirname(paths['nnet']))
+    torch.manual_seed(0)
+    torch.save(get_nnet(**TINY).state_dict(), paths['nnet'])
+    torch.save(random_ldm_state_dict(**SMALL), paths['vae'])
+    torch.save(random_inception_state_dict(), paths['inception'])
+    np.savez(paths['stats'], mu=np.zeros(2048), sigma=np.eye(2048))
+    with open(paths['config'], 'w') as f:
+        f.write(CONFIG.format(vae=paths['vae'], nnet=TINY, stats=paths['stats'], n=N, batch=BATCH,
+                              inception=paths['inception']))
+    return paths
+
+
+def tiny_config(assets, **sample):
+    config = load_config(assets['config'])
+    config.sample.sample_steps = 2
+    config.sample.update(sample)
+    return config
+
+
+def run_in_process(assets, out, config=None, nnet=None, **kwargs):
+    return ev.evaluate(config or tiny_config(assets), nnet or assets['nnet'], str(out), name='tiny_eval', **kwargs)
+
+
+def pngs(folder):
+    return {name: (folder / name).read_bytes() for name in os.listdir(folder) if name.endswith('.png')}
+
+
+@pytest.fixture
+def fast_fid(monkeypatch):
+    """Inception activations replaced by the images' pixels (the real ones run in the end-to-end test)."""
+    def activations(folder, model, *args, **kwargs):
+        return np.stack([np.resize(np.asarray(Image.open(f), np.float64), 2048) for f in image_files(folder)])
+
+    monkeypatch.setattr(ev, 'folder_activations', activations)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_one_and_two_processes_write_identical_images(assets, tmp_path):
+    # OMP_NUM_THREADS=1 for both: the same kernels (PyTorch does not promise bitwise equality across thread counts).
+    env = dict(os.environ, OMP_NUM_THREADS='1', ACCELERATE_USE_CPU='1', HF_HOME=str(tmp_path / 'hf'))
+    args = [f'--config={assets["config"]}', f'--nnet_path={assets["nnet"]}', '--config.sample.sample_steps=2']
+    launchers = {1: [sys.executable],
+                 2: [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+                     '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no',
+                     '--main_process_port', str(free_port())]}
+    results = {}
+    for procs, launcher in launchers.items():
+        out = tmp_path / f'p{procs}'
+        run = subprocess.run([*launcher, SCRIPT, *args, f'--output_dir={out}'], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-5000:]
+        assert f'results in {out}/results.json' in run.stderr and 'FID' in run.stderr
+        results[procs] = json.loads((out / 'results.json').read_text())
+        assert sorted(os.listdir(out)) == sorted([f'{i}.png' for i in range(N)] + ['run.json', 'results.json'])
+    assert pngs(tmp_path / 'p1') == pngs(tmp_path / 'p2')
+    for procs, r in results.items():
+        assert math.isfinite(r['fid']) and r['fid'] > 0
+        assert (r['num_processes'], r['n_samples'], r['images_written'], r['steps']) == (procs, N, N, 2)
+        assert (r['sampler'], r['guidance'], r['device']) == ('dpm_solver', 0.4, 'cpu')
+        assert r['images_per_s'] > 0 and r['wall_time_s'] > 0
+    assert results[1]['fid'] == pytest.approx(results[2]['fid'], rel=1e-6)
+    with Image.open(tmp_path / 'p1' / '0.png') as img:
+        assert img.size == (8, 8) and img.mode == 'RGB'
+    run = json.loads((tmp_path / 'p1' / 'run.json').read_text())
+    assert (run['config'], run['seed'], run['steps'], run['n_samples']) == ('tiny_eval', 7, 2, N)
+
+
+def test_default_output_dir(assets):
+    config = tiny_config(assets)
+    assert ev.default_output_dir(config, 'tiny_eval', assets['nnet']) == 'workdir/tiny_eval/eval/100.ckpt_nnet_ema'
+    config.sample.path = 'elsewhere'
+    assert ev.default_output_dir(config, 'tiny_eval', assets['nnet']) == 'elsewhere'
+
+
+def test_restart_writes_only_missing_images(assets, tmp_path, fast_fid):
+    out = tmp_path / 'out'
+    run_in_process(assets, out)
+    before = pngs(out)
+    mtimes = {name: os.stat(out / name).st_mtime_ns for name in before}
+    os.remove(out / '4.png')                       # batch 1 = images 3, 4, 5
+    (out / '.5.png.123.tmp').write_bytes(b'half')  # a write interrupted by a kill
+    results = run_in_process(assets, out)
+    assert results['images_written'] == 1 and pngs(out) == before
+    assert not (out / '.5.png.123.tmp').exists()
+    assert all(os.stat(out / name).st_mtime_ns == t for name, t in mtimes.items() if name != '4.png')
+    assert run_in_process(assets, out)['images_written'] == 0   # complete: FID only
+
+
+def test_images_of_another_run_are_refused_unless_overwrite(assets, tmp_path, fast_fid):
+    out = tmp_path / 'out'
+    run_in_process(assets, out, tiny_config(assets, n_samples=2))
+    other = tiny_config(assets, n_samples=2)
+    other.seed = 8
+    with pytest.raises(RuntimeError, match=r"(?s)another run.*'seed': \(7, 8\).*--overwrite"):
+        run_in_process(assets, out, other)
+    assert json.loads((out / 'run.json').read_text())['seed'] == 7
+    first = pngs(out)
+    run_in_process(assets, out, other, overwrite=True)
+    assert json.loads((out / 'run.json').read_text())['seed'] == 8 and pngs(out) != first
+
+    (out / 'run.json').unlink()
+    with pytest.raises(RuntimeError, match='no run.json'):
+        run_in_process(assets, out, other)
+    (out / 'photo.jpg').write_bytes(b'')
+    with pytest.raises(RuntimeError, match=r"photo\.jpg"):       # never deleted, even with --overwrite
+        run_in_process(assets, out, other, overwrite=True)
+
+
+HINTS = dict(nnet='nnet_ema.pth', vae='stable-diffusion/', inception='pt_inception-2015-12-05', stats='fid_stats/')
+
+
+@pytest.mark.parametrize('missing', [['nnet'], ['vae'], ['inception'], ['stats'], list(HINTS)], ids='+'.join)
+def test_missing_files_are_named_before_sampling(assets, tmp_path, missing):
+    gone = {k: str(tmp_path / f'missing_{k}.pth') for k in missing}
+    config = tiny_config(assets)
+    if 'vae' in gone:
+        config.autoencoder.pretrained_path = gone['vae']
+    if 'inception' in gone:
+        config.sample.inception_path = gone['inception']
+    if 'stats' in gone:
+        config.dataset.fid_stat = gone['stats']
+    with pytest.raises(FileNotFoundError) as err:
+        run_in_process(assets, tmp_path / 'out', config, nnet=gone.get('nnet'))
+    lines = str(err.value).splitlines()
+    assert len(lines) == len(missing)                          # every missing file at once, each with its source
+    for k, path in gone.items():
+        assert any(path in line and HINTS[k] in line for line in lines), (k, lines)
+    assert not (tmp_path / 'out').exists()                     # nothing was sampled
+
+
+def test_checkpoint_of_another_config_lists_key_differences(assets, tmp_path):
+    deeper = tmp_path / 'deeper.pth'
+    torch.save(get_nnet(**{**TINY, 'num_layers': 5}).state_dict(), deeper)
+    with pytest.raises(RuntimeError, match=r"(?s)unexpected keys \(\d+\): \['transformer_blocks\.3\."):
+        run_in_process(assets, tmp_path / 'out', nnet=str(deeper))
+    wider = tmp_path / 'wider.pth'
+    torch.save(get_nnet(**{**TINY, 'attention_head_dim': 16}).state_dict(), wider)
+    with pytest.raises(RuntimeError, match=r'shape mismatches .*checkpoint \(1, 6, 16\) vs model \(1, 6, 32\)'):
+        run_in_process(assets, tmp_path / 'out', nnet=str(wider))
+
+
+def test_upsample_sampler_loads_a_base_grid_checkpoint(assets, tmp_path):
+    base = dict(TINY, pad_token_schedules=['dec_split', 'rho_pad'])
+    path = tmp_path / '512' / 'nnet_ema.pth'                     # a "512" model: 2x2 token table
+    path.parent.mkdir()
+    torch.save(get_nnet(**base).state_dict(), path)
+    config = tiny_config(assets, algorithm='dpm_solver_upsample_g', n_samples=2, mini_batch_size=1, scale=3.0,
+                         ug_theta=1.0, ug_eta=0.3, ug_T=1.0, vis_label=3)
+    config.z_shape = (4, 8, 8)                                    # x2: 4x4 token grid, 16x16 images
+    config.nnet.update(base, sample_size=8, multi_times=2, num_patches=[16, 4, 4])
+    results = run_in_process(assets, tmp_path / 'out', config, nnet=str(path))
+    assert results['sampler'] == 'dpm_solver_upsample_g' and math.isfinite(results['fid'])
+    run = json.loads((tmp_path / 'out' / 'run.json').read_text())
+    assert (run['multi_times'], run['vis_label'], run['ug_eta']) == (2, 3, 0.3)
+    with Image.open(tmp_path / 'out' / '1.png') as img:
+        assert img.size == (16, 16)
+    plan = ev.SamplePlan(config)
+    assert plan.labels(range(5)).tolist() == [3] * 5
+
+
+def test_labels_and_batches_depend_only_on_indices(assets):
+    plan = ev.SamplePlan(tiny_config(assets, n_samples=10, mini_batch_size=4))
+    assert [list(plan.indices(b)) for b in range(plan.n_batches)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    labels = plan.labels(range(10))
+    assert torch.equal(torch.cat([plan.labels(plan.indices(b)) for b in range(3)]), labels)
+    assert labels.min() >= 0 and labels.max() < 10 and len(set(labels.tolist())) > 3
+    config = tiny_config(assets)
+    config.train = dict(mode='uncond')
+    plan = ev.SamplePlan(config)
+    assert plan.labels(range(3)) is None and plan.options['guidance'] == 0.0
+
+
+def test_pixel_space_digits_config_writes_the_digits_report(assets, tmp_path, monkeypatch):
+    import libs.digits_report
+    calls = []
+
+    def fake_report(images, labels, out_dir, extra=None):    # the real one trains a classifier (~15 s)
+        calls.append((images, labels))
+        path = os.path.join(out_dir, 'report.json')
+        with open(path, 'w') as f:
+            json.dump({'sample_accuracy': 0.5}, f)
+        return path
+
+    monkeypatch.setattr(libs.digits_report, 'write_digits_report', fake_report)
+    config = tiny_config(assets, n_samples=3)
+    del config['autoencoder']
+    config.z_shape = (1, 8, 8)
+    config.nnet.update(in_channels=1, sample_size=8)
+    config.dataset = dict(name='digits', resolution=8)
+    nnet = tmp_path / 'digits.pth'
+    torch.save(get_nnet(**{**TINY, 'in_channels': 1, 'sample_size': 8}).state_dict(), nnet)
+    results = run_in_process(assets, tmp_path / 'out', config, nnet=str(nnet))
+    assert 'fid' not in results and results['sample_accuracy'] == 0.5
+    images, labels = calls[0]
+    assert images.shape == (3, 1, 8, 8) and 0 <= images.min() and images.max() <= 1
+    assert torch.equal(labels, ev.SamplePlan(config).labels(range(3)))
+    with Image.open(tmp_path / 'out' / '2.png') as img:
+        assert img.mode == 'L' and np.array_equal(np.asarray(img), (images[2, 0] * 255).round().byte().numpy())
