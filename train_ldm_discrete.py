@@ -6,6 +6,7 @@
 
 Restarting the same command resumes from the newest complete checkpoint in <workdir>/ckpts.
 """
+import json
 import logging
 import os
 import time
@@ -245,9 +246,13 @@ class Trainer:
         path, _, _ = self.sample_grid()
         outputs = {'grid': path,
                    'loss_curve': plot_loss_curve(self.metrics.path, os.path.join(self.workdir, 'loss_curve.png'))}
+        scores = {}
         if self.config.dataset.name == 'digits':
             outputs['report'] = self.digits_report()
-        self.metrics.log({'step': self.step, **{f'{k}_path': v for k, v in outputs.items()}},
+            with open(outputs['report']) as f:
+                report = json.load(f)
+            scores = {k: report[k] for k in ('sample_accuracy', 'frechet_distance_digits')}
+        self.metrics.log({'step': self.step, **scores, **{f'{k}_path': v for k, v in outputs.items()}},
                          images={'samples': path})
         logging.info('step %d: %s', self.step, ', '.join(f'{k} -> {v}' for k, v in outputs.items()))
         return outputs
