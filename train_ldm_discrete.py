@@ -91,7 +91,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.nnet.parameters(), **config.optimizer)
         self.lr_scheduler = make_lr_scheduler(self.optimizer, **config.lr_scheduler)
         self.generator = torch.Generator().manual_seed(config.seed * 1000 + acc.process_index)
-        self.data_fingerprint = None
+        self.data_fingerprint, self.fingerprint_logged = None, False
         self.start_time, self.samples_per_sec = time.time(), 0.0
         if states is not None:
             self._restore(states)
@@ -267,9 +267,9 @@ class Trainer:
             loss, grad_norm = self.train_step(it)
             window.append(loss)
             bar.update(1)
-            if len(window) == 1 and self.data_fingerprint is not None:     # first step of this process
+            if not self.fingerprint_logged:                                 # first step of this process
                 prints = acc.gather(self.data_fingerprint.to(acc.device)).tolist()
-                self.data_fingerprint = torch.zeros(1)
+                self.fingerprint_logged = True
                 if self.is_main:
                     self.metrics.log({'step': self.step, 'data_fingerprints': prints})
             if self.step % tc.log_interval == 0 and self.is_main:

@@ -137,8 +137,7 @@ class _ChunkedScan(torch.autograd.Function):
         if nc > 1:
             src = (a * g)[:, :, 1:].flip(2).movedim(2, 0)
             dec = decay[:, :, 1:].flip(2).movedim(2, 0)
-            h0 = None if glast is None else glast
-            right[:, :, :-1] = _linear_recurrence(dec, src, h0).movedim(0, 2).flip(2)
+            right[:, :, :-1] = _linear_recurrence(dec, src, glast).movedim(0, 2).flip(2)
 
         gx = torch.empty_like(dt)
         gdt = torch.empty_like(dt)
