@@ -284,9 +284,19 @@ def evaluate(config, nnet_path, output_dir=None, inception_path=None, overwrite=
                 save_png(image, os.path.join(folder, f'{i}.png'))
     accelerator.wait_for_everyone()
     sampling_time = time.time() - sample_start
-    if not is_main:
-        return None
+    results = None
+    if is_main:
+        results = score_and_report(metric, metric_assets, folder, plan, to_write, sampling_time, start, nnet_path, accelerator)
+    # Tear the process group down before exit: left to the interpreter's shutdown, its threads can die mid-use
+    # and abort a finished run (SIGABRT / SIGBUS seen with 2 gloo processes).
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
 
+
+def score_and_report(metric, metric_assets, folder, plan, to_write, sampling_time, start, nnet_path, accelerator):
+    """Main process: checks the folder is complete, scores it and writes results.json; returns the results."""
+    device, world = accelerator.device, accelerator.num_processes
     ours, _ = image_names(folder)
     if sorted(ours) != list(range(plan.n)):
         raise RuntimeError(f"{folder} holds {len(ours)} images, expected exactly 0.png ... {plan.n - 1}.png")

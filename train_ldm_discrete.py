@@ -317,6 +317,10 @@ def main(_):
         for key, path in outputs.items():
             print(f"  {key}: {os.path.abspath(path)}")
         print(f"  log: {os.path.abspath(trainer.metrics.path)}")
+    # Tear the process group down before exit: left to the interpreter's shutdown, its threads can die mid-use
+    # and abort a finished run (SIGABRT / SIGBUS seen with 2 gloo processes).
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 if __name__ == '__main__':
