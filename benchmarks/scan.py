@@ -465,41 +465,27 @@ def _plot(rows, impls, path, meta):
     styles = {256: '-', 1024: '--'}
     fig, axes = plt.subplots(1, 3, figsize=(16, 5))
     dims = sorted({r['D'] for r in rows})
-    for ax, mode, title in ((axes[0], 'fwd', 'forward (no_grad)'), (axes[1], 'fwdbwd', 'forward + backward')):
+    panels = (('fwd_ms', 'fwd_estimated', 'ms', 'forward (no_grad)'),
+              ('fwdbwd_ms', 'fwdbwd_estimated', 'ms', 'forward + backward (open markers: estimated)'),
+              ('fwdbwd_mem_mb', 'fwdbwd_mem_lower_bound', 'MB', 'peak extra memory, fwd+bwd (open: lower bound)'))
+    for ax, (value, flag, unit, title) in zip(axes, panels):
         for impl in impls:
             for d in dims:
-                pts = [(r['L'], r.get(f'{impl}_{mode}_ms'), r.get(f'{impl}_{mode}_estimated', False))
-                       for r in rows if r['D'] == d and r.get(f'{impl}_{mode}_ms')]
+                pts = [(r['L'], r[f'{impl}_{value}'], r.get(f'{impl}_{flag}', False))
+                       for r in rows if r['D'] == d and r.get(f'{impl}_{value}')]
                 if not pts:
                     continue
-                ls = styles.get(d, ':')
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, color=colors[impl], label=f'{impl} D={d}')
-                for length, ms, est in pts:
-                    ax.plot(length, ms, 'o', color=colors[impl], mfc='none' if est else colors[impl])
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], styles.get(d, ':'), color=colors[impl],
+                        label=f'{impl} D={d}')
+                for length, y, open_marker in pts:
+                    ax.plot(length, y, 'o', color=colors[impl], mfc='none' if open_marker else colors[impl])
         ax.set_xscale('log')
         ax.set_yscale('log')
         ax.set_xlabel('sequence length L')
-        ax.set_ylabel('ms')
-        ax.set_title(title + (' (open markers: estimated)' if mode == 'fwdbwd' else ''))
+        ax.set_ylabel(unit)
+        ax.set_title(title)
         ax.grid(True, which='both', alpha=0.3)
         ax.legend(fontsize=8)
-    ax = axes[2]
-    for impl in impls:
-        for d in dims:
-            pts = [(r['L'], r.get(f'{impl}_fwdbwd_mem_mb'), r.get(f'{impl}_fwdbwd_mem_lower_bound', False))
-                   for r in rows if r['D'] == d and r.get(f'{impl}_fwdbwd_mem_mb')]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], styles.get(d, ':'), color=colors[impl],
-                        label=f'{impl} D={d}')
-                for length, mb, lower in pts:
-                    ax.plot(length, mb, 'o', color=colors[impl], mfc='none' if lower else colors[impl])
-    ax.set_xscale('log')
-    ax.set_yscale('log')
-    ax.set_xlabel('sequence length L')
-    ax.set_ylabel('MB')
-    ax.set_title('peak extra memory, fwd+bwd (open: lower bound)')
-    ax.grid(True, which='both', alpha=0.3)
-    ax.legend(fontsize=8)
     fig.suptitle(f"selective-scan core, CPU fp32, batch {BATCH}, N {NSTATE}, threads={meta['threads']}, {meta['cpu']}",
                  fontsize=10)
     fig.tight_layout()
