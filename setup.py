@@ -1,9 +1,9 @@
 """Only declares the optional compiled CPU scan kernel; all metadata lives in pyproject.toml.
 
-``pip install -e .`` compiles libs/csrc/scan_cpu.c (plain C: no torch or Python headers, any C11 compiler with GCC
-vector extensions; gcc >= 5 or clang) into libs/_scan_cpu_kernel*.so, loaded with ctypes by libs/scan_cpu.py. If the
+``pip install -e .`` compiles libs/scan/csrc/scan_cpu.c (plain C: no torch or Python headers, any C11 compiler with GCC
+vector extensions; gcc >= 5 or clang) into libs/scan/_cpu_kernel*.so, loaded with ctypes by libs/scan/cpu.py. If the
 compilation fails for any reason (no compiler, unsupported compiler), the install still succeeds with a warning and
-the exact pure-PyTorch scan is used instead (libs.scan_cpu.is_available() is False).
+the exact pure-PyTorch scan is used instead (libs.scan.cpu.is_available() is False).
 """
 import sys
 
@@ -27,7 +27,7 @@ class OptionalBuildExt(build_ext):
             self._skip(e)
 
     def _skip(self, e):
-        msg = (f"WARNING: the optional CPU scan kernel (libs/csrc/scan_cpu.c) was not built ({type(e).__name__}: {e}); "
+        msg = (f"WARNING: the optional CPU scan kernel (libs/scan/csrc/scan_cpu.c) was not built ({type(e).__name__}: {e}); "
                "the pure-PyTorch scan will be used.")
         self.warn(msg)
         print(msg, file=sys.stderr)
@@ -41,9 +41,9 @@ ldflags = ["-pthread"] if sys.platform != "win32" else []
 setup(
     ext_modules=[
         Extension(
-            "libs._scan_cpu_kernel",
-            sources=["libs/csrc/scan_cpu.c"],
-            depends=["libs/csrc/scan_kernel.inc"],
+            "libs.scan._cpu_kernel",
+            sources=["libs/scan/csrc/scan_cpu.c"],
+            depends=["libs/scan/csrc/scan_kernel.inc"],
             extra_compile_args=cflags,
             extra_link_args=ldflags,
             optional=True,

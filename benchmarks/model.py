@@ -18,7 +18,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 from libs import get_nnet                      # noqa: E402
-from libs.selective_scan import scan_backend   # noqa: E402
+from libs.scan import scan_backend   # noqa: E402
 
 
 class AttentionBaseline(nn.Module):

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 import sde                                      # noqa: E402
 from libs import get_nnet                       # noqa: E402
 from libs.config_loader import load_config      # noqa: E402
-from libs.selective_scan import scan_backend    # noqa: E402
+from libs.scan import scan_backend    # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs')
 

@@ -8,8 +8,8 @@ Implementations (all compute the scan core: dt already softplus'd; y_t = C_t . h
   loop     the algorithm of mamba_ssm's `selective_scan_ref`: precompute exp(dt A) and dt B u as (B, D, L, N), a Python
            loop over L, autograd through it (its backward is O(L^2): every `deltaA[:, :, i]` slice gets a full-size
            zero-filled gradient);
-  cpu      libs/scan_cpu.py, the compiled fused kernel (if built);
-  chunked  libs/scan_chunked.py, the pure-PyTorch backend (if importable).
+  cpu      libs/scan/cpu.py, the compiled fused kernel (if built);
+  chunked  libs/scan/chunked.py, the pure-PyTorch backend (if importable).
 Batch 2, d_state 16, fp32, dt of Mamba's init scale. Every measurement runs in a fresh subprocess: timing = 1 warm-up
 then the median of up to --repeats runs (fewer when one run is long); forward under no_grad, fwd+bwd = y.backward(ones)
 with gradients for all five inputs. Peak extra memory: a separate fresh process with MALLOC_MMAP_THRESHOLD_=1 MiB
@@ -60,12 +60,12 @@ def _get_impl(name):
     if name == 'loop':
         return _loop_core
     if name == 'cpu':
-        from libs import scan_cpu
+        from libs.scan import cpu as scan_cpu
         if not scan_cpu.is_available():
             raise RuntimeError(f'cpu kernel not available: {scan_cpu.unavailable_reason()}')
         return lambda *x: scan_cpu.scan_core(*x)
     if name == 'chunked':
-        from libs import scan_chunked
+        from libs.scan import chunked as scan_chunked
         return lambda *x: scan_chunked.scan_core(*x)
     raise ValueError(name)
 
@@ -287,7 +287,7 @@ def main():
                 machine=platform.machine(), cpu=_cpu_name(), nproc=os.cpu_count(), batch=BATCH, d_state=NSTATE,
                 date=time.strftime('%Y-%m-%d %H:%M:%S'), loadavg_start=os.getloadavg())
     try:
-        from libs import scan_cpu
+        from libs.scan import cpu as scan_cpu
         if scan_cpu.is_available():
             meta.update(cpu_kernel=scan_cpu.library_path(), cpu_kernel_isa=scan_cpu.isa(),
                         cpu_kernel_segment=scan_cpu.SEGMENT)
@@ -298,7 +298,7 @@ def main():
         meta.update(cpu_kernel=None, cpu_kernel_reason=repr(e))
         impls = [i for i in impls if i != 'cpu']
     try:
-        from libs import scan_chunked  # noqa: F401
+        from libs.scan import chunked as scan_chunked  # noqa: F401
     except ImportError:
         impls = [i for i in impls if i != 'chunked']
     print(f"threads={threads}  impls={impls}  lengths={lengths}  dims={dims}  cpu={meta['cpu']}", flush=True)

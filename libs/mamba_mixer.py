@@ -5,7 +5,7 @@
     dt, B, C = x_proj(x)                                ranks R = ceil(D / 16), N, N
     y = selective_scan(x, dt_proj.weight @ dt, -exp(A_log), B, C, D, z, dt_proj.bias, softplus)
     out = out_proj(y)
-The scan and the conv use the CUDA kernels when available (libs/selective_scan.py).
+The scan and the conv use the CUDA kernels when available (libs/scan/).
 """
 import math
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .selective_scan import causal_conv1d, selective_scan
+from .scan import causal_conv1d, selective_scan
 
 __all__ = ['MambaMixer']
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from libs.scan_chunked import chunk_length, scan_core
+from libs.scan.chunked import chunk_length, scan_core
 from reference_ops import max_rel_err, scan_inputs, sequential_scan
 
 

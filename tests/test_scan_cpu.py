@@ -1,4 +1,4 @@
-"""The compiled CPU scan kernel (libs/scan_cpu.py, libs/csrc/): values and gradients against a float64 sequential
+"""The compiled CPU scan kernel (libs/scan/cpu.py, libs/scan/csrc/): values and gradients against a float64 sequential
 scan, exp edge cases, ISA variants, thread-count independence. Skipped when the kernel was not built."""
 import os
 import subprocess
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from libs import scan_cpu
+from libs.scan import cpu as scan_cpu
 
 pytestmark = pytest.mark.skipif(not scan_cpu.is_available(),
                                 reason=f"compiled CPU scan kernel not built: {scan_cpu.unavailable_reason()}")
@@ -247,7 +247,7 @@ def test_input_validation():
 
 
 def test_is_available_never_raises_without_library():
-    code = ("import os, sys; sys.path.insert(0, os.getcwd()); from libs import scan_cpu; "
+    code = ("import os, sys; sys.path.insert(0, os.getcwd()); from libs.scan import cpu as scan_cpu; "
             "assert scan_cpu.is_available() is False; assert 'not' in scan_cpu.unavailable_reason() or "
             "'disabled' in scan_cpu.unavailable_reason(); print('ok')")
     env = dict(os.environ, DIM_SCAN_CPU_LIB='/nonexistent/lib_scan.so')

@@ -1,7 +1,7 @@
 """Fused CPU selective-scan core (optional compiled backend).
 
-The kernel (``libs/csrc/scan_cpu.c``, plain C, no torch or Python headers) is built by ``pip install -e .`` as the
-optional extension ``libs._scan_cpu_kernel`` and loaded here with ctypes. If it was not built (no compiler, or the
+The kernel (``libs/scan/csrc/scan_cpu.c``, plain C, no torch or Python headers) is built by ``pip install -e .`` as the
+optional extension ``libs.scan._cpu_kernel`` and loaded here with ctypes. If it was not built (no compiler, or the
 build failed), :func:`is_available` is False and the caller uses the pure-PyTorch backend instead.
 
 Contract (mamba_ssm's ``selective_scan_ref`` recurrence, softplus/bias, D skip and z gate left to the caller)::
@@ -65,15 +65,15 @@ def _candidates():
         return
     here = os.path.dirname(os.path.abspath(__file__))
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        yield os.path.join(here, "_scan_cpu_kernel" + suffix)
+        yield os.path.join(here, "_cpu_kernel" + suffix)
     # an editable install may map the package elsewhere; ask the import system without importing
     try:
-        spec = importlib.util.find_spec(__package__ + "._scan_cpu_kernel") if __package__ else None
+        spec = importlib.util.find_spec(__package__ + "._cpu_kernel") if __package__ else None
         if spec is not None and spec.origin:
             yield spec.origin
     except (ImportError, ValueError):
         pass
-    yield from sorted(glob.glob(os.path.join(here, "_scan_cpu_kernel*.so")))
+    yield from sorted(glob.glob(os.path.join(here, "_cpu_kernel*.so")))
 
 
 def _load():
@@ -106,7 +106,7 @@ def _load():
                 except (OSError, AttributeError) as e:  # unloadable or foreign file
                     errors.append(f"{path}: {e}")
         if _lib is None:
-            _load_error = "; ".join(errors) or "libs/_scan_cpu_kernel*.so not found (not built: pip install -e .)"
+            _load_error = "; ".join(errors) or "libs/scan/_cpu_kernel*.so not found (not built: pip install -e .)"
         _loaded = True
         return _lib
 

@@ -26,7 +26,7 @@
  *
  * Large fresh outputs and scratch buffers are advised to use transparent huge pages (fewer page faults).
  *
- * No Python or torch headers: loaded with ctypes by libs/scan_cpu.py.
+ * No Python or torch headers: loaded with ctypes by libs/scan/cpu.py.
  */
 #define _GNU_SOURCE
 #include <stdint.h>
@@ -150,7 +150,7 @@ static unit_fn pick_bwd(void) {
  * not waited for, so a call is never slower than on one thread plus the thread start-up.  The pool lives on the heap
  * and the last thread out frees it.
  * Alternatively (DIM_SCAN_CPU_THREADING=openmp) the units run on torch's own OpenMP team through the GOMP_parallel
- * entry point libs/scan_cpu.py hands over; measured faster for small calls on an idle machine, but every parallel
+ * entry point libs/scan/cpu.py hands over; measured faster for small calls on an idle machine, but every parallel
  * region ends in a team barrier that costs a scheduler time slice when the machine is oversubscribed. */
 typedef void (*gomp_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
 static gomp_parallel_fn g_gomp_parallel = NULL;

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-import libs.selective_scan as ss
-from libs.selective_scan import causal_conv1d, scan_backend, selective_scan
+import libs.scan as ss
+from libs.scan import causal_conv1d, scan_backend, selective_scan
 from reference_ops import max_rel_err, scan_inputs, sequential_scan
 
 KEYS = ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')

@@ -2,8 +2,8 @@
 
 Backends, picked per call from the tensors' device (or forced with DIM_SCAN_BACKEND):
   cuda   mamba_ssm's fused CUDA kernel; CUDA tensors, when mamba_ssm is importable;
-  cpu    our compiled CPU kernel (libs/scan_cpu.py); CPU tensors, when it was built at install;
-  torch  our exact pure-PyTorch chunked scan (libs/scan_chunked.py); any device, always available.
+  cpu    our compiled CPU kernel (libs/scan/cpu.py); CPU tensors, when it was built at install;
+  torch  our exact pure-PyTorch chunked scan (libs/scan/chunked.py); any device, always available.
 DIM_SCAN_BACKEND=auto (default) | cuda | cpu | torch. The choice is logged once per backend.
 """
 import functools
@@ -13,7 +13,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from . import scan_chunked
+from . import chunked as scan_chunked
 
 __all__ = ['selective_scan', 'causal_conv1d', 'scan_backend']
 
@@ -42,7 +42,7 @@ def _causal_conv1d():
 @functools.lru_cache(maxsize=None)
 def _cpu_kernel():
     try:
-        from . import scan_cpu
+        from . import cpu as scan_cpu
     except ImportError:
         return None
     return scan_cpu if scan_cpu.is_available() else None
