@@ -1,23 +1,38 @@
-"""Training checkpoints in the released layout, written atomically.
+"""Training checkpoints in the released layout, written atomically by one or several processes.
 
-    <ckpt_root>/<step>.ckpt/{nnet, nnet_ema, optimizer, lr_scheduler, step, rng}.pth
+    <ckpt_root>/<step>.ckpt/{nnet, nnet_ema, optimizer, lr_scheduler, step, rng}.pth [+ optimizer.rank<r>.pth]
 
-Each checkpoint is written into a hidden temporary folder, flushed to disk, then renamed into place,
-so a folder named `<step>.ckpt` is always complete; a kill at any moment leaves at worst a
-`.tmp-*` folder, which is never read and is cleaned up by the next save.
+Every writer puts its files into one hidden staging folder `.tmp-<step>-<token>` and fsyncs them; when all writers
+are done, process 0 renames the folder to `<step>.ckpt`. A folder named `<step>.ckpt` is therefore always complete;
+a kill at any moment leaves at worst a staging folder, which is never read and is removed by the next save.
+
+Reading uses `torch.load(weights_only=True, mmap=True)`: tensors stay on disk until used, so a process reads only
+the parts it needs. A damaged folder (truncated or missing file) is skipped and the previous one tried; a file that
+is intact but holds objects `weights_only` refuses, or checkpoints of which none can be resumed, raise
+`CheckpointError`: a run never silently restarts from step 0 next to checkpoints it cannot use.
 """
 import logging
 import os
+import pickle
 import re
 import shutil
 
 import torch
 
-__all__ = ['FILES', 'save_checkpoint', 'list_checkpoints', 'load_latest_checkpoint']
+__all__ = ['FILES', 'CheckpointError', 'DamagedCheckpoint', 'save_checkpoint', 'staging_dir', 'write_files',
+           'commit', 'list_checkpoints', 'read_file', 'load_checkpoint', 'latest_resumable', 'load_latest_checkpoint']
 
 FILES = ('nnet.pth', 'nnet_ema.pth', 'optimizer.pth', 'lr_scheduler.pth', 'step.pth', 'rng.pth')
 _NAME = re.compile(r'^(\d+)\.ckpt$')
 log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be resumed: the run must stop rather than start over."""
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint folder with a missing, truncated or unreadable file (skipped for an older one)."""
 
 
 def _fsync(path):
@@ -37,66 +52,134 @@ def list_checkpoints(ckpt_root):
     return sorted(found)
 
 
-def save_checkpoint(ckpt_root, step, states, keep=None):
-    """Write `states` ({file name: object}, exactly FILES) as `<step>.ckpt`; keep the newest `keep` folders."""
-    if sorted(states) != sorted(FILES):
-        raise ValueError(f"a checkpoint holds exactly {FILES}, got {sorted(states)}")
-    os.makedirs(ckpt_root, exist_ok=True)
-    tmp = os.path.join(ckpt_root, f'.tmp-{step}-{os.getpid()}')
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+# ------------------------------------------------------------------------------------------------ writing
+def staging_dir(ckpt_root, step, token):
+    """The staging folder of checkpoint `step` for the save identified by `token` (created if missing)."""
+    path = os.path.join(ckpt_root, f'.tmp-{step}-{token}')
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def write_files(folder, states):
+    """torch.save each {file name: object} into `folder` and fsync it."""
     for name, obj in states.items():
-        torch.save(obj, os.path.join(tmp, name))
-        _fsync(os.path.join(tmp, name))
+        path = os.path.join(folder, name)
+        torch.save(obj, path)
+        _fsync(path)
+
+
+def commit(ckpt_root, step, token, keep=None, expect=()):
+    """Rename the complete staging folder of `step` to `<step>.ckpt` (process 0 only, after every writer is done).
+
+    `expect` names the files besides FILES that must be there (the per-process optimizer shards). Keeps the newest
+    `keep` checkpoints and removes the leftovers of interrupted saves.
+    """
+    tmp = os.path.join(ckpt_root, f'.tmp-{step}-{token}')
+    missing = [f for f in (*FILES, *expect) if not os.path.isfile(os.path.join(tmp, f))]
+    if missing:
+        raise RuntimeError(f"checkpoint {step}: the staging folder {tmp} lacks {missing}; not committed")
     _fsync(tmp)
     final = os.path.join(ckpt_root, f'{step}.ckpt')
     if os.path.exists(final):                       # re-saving a step: move the old one aside first
-        old = os.path.join(ckpt_root, f'.old-{step}-{os.getpid()}')
+        old = os.path.join(ckpt_root, f'.old-{step}-{token}')
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
     _fsync(ckpt_root)
-    _prune(ckpt_root, keep, current=final)
+    _prune(ckpt_root, keep, current=final, token=token)
     return final
 
 
-def _prune(ckpt_root, keep, current):
+def save_checkpoint(ckpt_root, step, states, keep=None):
+    """Single writer: `states` ({file name: object}, at least FILES) as `<step>.ckpt`; keep the newest `keep`."""
+    if not set(FILES) <= set(states):
+        raise ValueError(f"a checkpoint holds at least {FILES}, got {sorted(states)}")
+    os.makedirs(ckpt_root, exist_ok=True)
+    token = f'{os.getpid()}'
+    tmp = os.path.join(ckpt_root, f'.tmp-{step}-{token}')
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_files(staging_dir(ckpt_root, step, token), states)
+    return commit(ckpt_root, step, token, keep, expect=[f for f in states if f not in FILES])
+
+
+def _prune(ckpt_root, keep, current, token):
+    if keep is not None and keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
     for name in os.listdir(ckpt_root):              # leftovers of interrupted saves
-        path = os.path.join(ckpt_root, name)
-        if name.startswith(('.tmp-', '.old-')) and not name.endswith(f'-{os.getpid()}'):
-            shutil.rmtree(path, ignore_errors=True)
+        if name.startswith(('.tmp-', '.old-')) and not name.endswith(f'-{token}'):
+            shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
     if keep is None:
         return
-    if keep < 1:
-        raise ValueError(f"keep must be >= 1, got {keep}")
-    ckpts = [path for _, path in list_checkpoints(ckpt_root)]
-    for path in ckpts[:-keep]:
+    for _, path in list_checkpoints(ckpt_root)[:-keep]:
         if path != current:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _load(path):
-    missing = [f for f in FILES if not os.path.isfile(os.path.join(path, f))]
-    if missing:
-        raise FileNotFoundError(f"missing {missing}")
-    return {f: torch.load(os.path.join(path, f), map_location='cpu', weights_only=True) for f in FILES}
+# ------------------------------------------------------------------------------------------------ reading
+def read_file(folder, name):
+    """One checkpoint file, memory-mapped, `weights_only=True`.
 
-
-def load_latest_checkpoint(ckpt_root):
-    """(step, {file: object}) of the newest checkpoint that loads, or (0, None).
-
-    A corrupt or incomplete folder is skipped with a warning, and the previous one is tried.
+    Raises DamagedCheckpoint for a missing or unreadable file, CheckpointError for an intact archive that holds
+    objects `weights_only` refuses (a format problem that would recur in every checkpoint of the run).
     """
-    for step, path in reversed(list_checkpoints(ckpt_root)):
+    path = os.path.join(folder, name)
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        if 'Weights only load failed' in str(e):
+            first = next((line for line in str(e).splitlines() if 'GLOBAL' in line or 'Unsupported' in line), '')
+            raise CheckpointError(
+                f"{path} holds objects that torch.load(weights_only=True) refuses ({first.strip()}); it was written "
+                "by an incompatible version of this code and cannot be resumed") from None
+        raise DamagedCheckpoint(f"{path}: {e}") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise DamagedCheckpoint(f"{path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def load_checkpoint(folder, names=FILES):
+    """{name: object} of the given files of one checkpoint folder; checks that step.pth matches the folder name."""
+    states = {name: read_file(folder, name) for name in names}
+    if 'step.pth' in states:
+        m = _NAME.match(os.path.basename(folder.rstrip('/')))
+        if m is None or int(states['step.pth']) != int(m.group(1)):
+            raise DamagedCheckpoint(f"{folder}: its step.pth says {states['step.pth']}")
+    return states
+
+
+def latest_resumable(ckpt_root, open_fn, agree=lambda step: step):
+    """(step, states) of the newest checkpoint that `open_fn(path)` opens, or (0, None) if there is none.
+
+    `open_fn` raises DamagedCheckpoint to skip a folder. With several processes, `agree(step)` returns the step
+    every process can resume (the smallest of their choices); each process then opens that one.
+    Raises CheckpointError when checkpoints exist but none can be resumed.
+    """
+    ckpts = list_checkpoints(ckpt_root)
+    problems, mine, states = [], 0, None
+    for step, path in reversed(ckpts):
         try:
-            states = _load(path)
-        except Exception as e:          # truncated file, bad pickle, missing file
+            states, mine = open_fn(path), step
+            break
+        except DamagedCheckpoint as e:
             log.warning('skipping unreadable checkpoint %s: %s', path, e)
-            continue
-        if int(states['step.pth']) != step:
-            log.warning('skipping checkpoint %s: its step.pth says %s', path, states['step.pth'])
-            continue
-        return step, states
-    return 0, None
+            problems.append(str(e))
+    agreed = agree(mine)
+    if agreed != mine:
+        states = None
+        if agreed:
+            try:
+                states = open_fn(dict(ckpts)[agreed])
+            except DamagedCheckpoint as e:
+                problems.append(str(e))
+                agreed = 0
+    if ckpts and not agreed:
+        raise CheckpointError(
+            f"{len(ckpts)} checkpoint(s) in {ckpt_root} but none can be resumed: {'; '.join(problems[:4])}. "
+            "Repair them, or move them away to start from step 0.")
+    return agreed, states
+
+
+def load_latest_checkpoint(ckpt_root, names=FILES):
+    """Single process: (step, {file: object}) of the newest checkpoint that loads, or (0, None) if there is none."""
+    return latest_resumable(ckpt_root, lambda path: load_checkpoint(path, names))

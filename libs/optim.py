@@ -3,7 +3,7 @@ import copy
 
 import torch
 
-__all__ = ['make_optimizer', 'make_lr_scheduler', 'make_ema', 'ema_update']
+__all__ = ['make_optimizer', 'make_lr_scheduler', 'make_ema', 'ema_update', 'ema_lerp_']
 
 
 def make_optimizer(params, name='adamw', lr=2e-4, weight_decay=0.03, betas=(0.9, 0.999), eps=1e-8):
@@ -34,8 +34,12 @@ def make_ema(model):
 
 
 @torch.no_grad()
+def ema_lerp_(ema_tensors, tensors, decay=0.9999):
+    """In place: e <- decay * e + (1 - decay) * t for matching lists of fp32 tensors (any sharding, same shapes)."""
+    torch._foreach_lerp_(list(ema_tensors), [t.detach().float() for t in tensors], 1.0 - decay)
+
+
+@torch.no_grad()
 def ema_update(ema, model, decay=0.9999):
     """ema <- decay * ema + (1 - decay) * model, parameters only (the model has no buffers)."""
-    ema_params = list(ema.parameters())
-    params = [p.detach().float() for p in model.parameters()]
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+    ema_lerp_(ema.parameters(), model.parameters(), decay)

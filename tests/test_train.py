@@ -1,50 +1,23 @@
 """train_ldm_discrete.py end to end on CPU: outputs, exact resume after a real kill, 2 processes, bad input."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from conftest import ROOT
-
-SCRIPT = str(ROOT / 'train_ldm_discrete.py')
-# Two CPU processes on gloo. accelerate's `--cpu --num_processes N` starts N processes only through MPI;
-# `--multi_gpu` with ACCELERATE_USE_CPU=1 starts them through torchrun (see README).
-CPU_LAUNCH = (sys.executable, '-m', 'accelerate.commands.accelerate_cli', 'launch', '--multi_gpu', '--num_processes', '2',
-              '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', '0')
-TINY = ['--config=' + str(ROOT / 'configs' / 'digits_DiM_tiny.py'),
-        '--config.nnet.attention_head_dim=32', '--config.nnet.num_layers=3', '--config.train.batch_size=8',
-        '--config.train.log_interval=2', '--config.train.eval_interval=1000', '--config.train.report_per_class=2',
-        '--config.sample.sample_steps=2', '--config.sample.mini_batch_size=20', '--config.train.grid_columns=2']
+from training_runs import (CPU_LAUNCH, SCRIPT, env, records as _records, run, run_and_kill_after, same_tree,
+                           state as _state)
 
 
 def _env(tmp_path):
-    env = dict(os.environ, WANDB_MODE='disabled', OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1',
-               XDG_CACHE_HOME=str(tmp_path.parent / 'xdg_cache'))
-    env.pop('DIM_SCAN_BACKEND', None)
-    env['ACCELERATE_USE_CPU'] = '1'
-    return env
+    return env(tmp_path)
 
 
-def _run(tmp_path, workdir, *args, launcher=(sys.executable,), check=True, timeout=600):
-    cmd = [*launcher, SCRIPT, *TINY, f'--workdir={workdir}', *args]
-    proc = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def _records(workdir):
-    with open(os.path.join(workdir, 'log.jsonl')) as f:
-        return [json.loads(line) for line in f]
-
-
-def _state(workdir, step, name):
-    return torch.load(os.path.join(workdir, 'ckpts', f'{step}.ckpt', name), weights_only=True)
+def _run(tmp_path, workdir, *args, **kwargs):
+    return run(tmp_path, workdir, *args, **kwargs)
 
 
 def test_training_writes_every_output(tmp_path):
@@ -73,22 +46,13 @@ def test_resume_after_a_real_kill_is_exact(tmp_path):
     _run(tmp_path, tmp_path / 'straight', *steps)
 
     workdir = tmp_path / 'killed'
-    cmd = [sys.executable, SCRIPT, *TINY, f'--workdir={workdir}', *steps]
-    proc = subprocess.Popen(cmd, env=_env(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (workdir / 'ckpts' / '4.ckpt').exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = sorted(int(p.split('.')[0]) for p in os.listdir(workdir / 'ckpts') if p.endswith('.ckpt'))
+    killed_at = run_and_kill_after(tmp_path, workdir, 4, *steps)
     assert killed_at and killed_at[-1] < 24, killed_at                   # it really died mid-run
 
     out = _run(tmp_path, workdir, *steps)
     assert f'resumed from {workdir}/ckpts/{killed_at[-1]}.ckpt' in out.stderr
-    for name in ('nnet.pth', 'nnet_ema.pth', 'optimizer.pth'):
-        a, b = _state(tmp_path / 'straight', 24, name), _state(workdir, 24, name)
-        flat_a, flat_b = torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)
-        assert all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(flat_a, flat_b)), name
+    for name in ('nnet.pth', 'nnet_ema.pth', 'optimizer.pth', 'rng.pth'):
+        assert same_tree(_state(tmp_path / 'straight', 24, name), _state(workdir, 24, name)), name
 
 
 def test_two_processes_stay_in_sync(tmp_path):
@@ -142,3 +106,58 @@ def test_missing_data_is_named(tmp_path):
     proc = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode != 0
     assert f'CIFAR-10 not found under {tmp_path}/cifar' in proc.stderr and 'cs.toronto.edu' in proc.stderr
+
+
+def test_config_values_are_checked_before_any_work(tmp_path):
+    workdir = tmp_path / 'early'
+    proc = _run(tmp_path, workdir, '--config.train.batch_size=-4', '--config.optimizer.lr=0', '--config.train.ema_rate=1.5',
+                check=False)
+    assert proc.returncode != 0
+    assert 'config.train.batch_size=-4: must be an integer >= 1' in proc.stderr
+    assert 'config.optimizer.lr=0.0: must be a number > 0' in proc.stderr
+    assert 'config.train.ema_rate=1.5: must be a number in [0, 1]' in proc.stderr
+    assert not workdir.exists()                                          # nothing made, nothing loaded
+
+
+def test_batch_that_does_not_split_over_the_processes_is_refused(tmp_path):
+    workdir = tmp_path / 'split'
+    proc = _run(tmp_path, workdir, '--config.train.batch_size=7', launcher=CPU_LAUNCH, check=False)
+    assert proc.returncode != 0 and 'config.train.batch_size=7 is not divisible by the 2 processes' in proc.stderr
+    assert not workdir.exists()
+
+
+def test_checkpoints_that_cannot_be_resumed_stop_the_run(tmp_path):
+    workdir = tmp_path / 'unusable'
+    _run(tmp_path, workdir, '--config.train.n_steps=2', '--config.train.save_interval=2')
+    (workdir / 'ckpts' / '2.ckpt' / 'optimizer.pth').write_bytes(b'truncated')
+    proc = _run(tmp_path, workdir, '--config.train.n_steps=4', '--config.train.save_interval=2', check=False)
+    assert proc.returncode != 0
+    assert 'none can be resumed' in proc.stderr and 'move them away to start from step 0' in proc.stderr
+    assert sorted(os.listdir(workdir / 'ckpts')) == ['2.ckpt']           # no silent restart from step 0
+    assert [r['step'] for r in _records(workdir) if 'loss' in r] == [2]
+
+
+def test_a_launch_whose_processes_do_not_see_each_other_is_refused(tmp_path):
+    """use_cpu: true in a yaml does not reach the torchrun workers: without ACCELERATE_USE_CPU=1 both think they are
+    alone. They must refuse before writing anything."""
+    yaml = (ROOT / 'configs' / 'accelerate' / 'cpu_2proc.yaml').read_text().replace('use_cpu: false', 'use_cpu: true')
+    (tmp_path / 'cpu.yaml').write_text(yaml)
+    launcher = (sys.executable, '-m', 'accelerate.commands.accelerate_cli', 'launch', '--config_file',
+                str(tmp_path / 'cpu.yaml'), '--main_process_port', '0')
+    workdir = tmp_path / 'alone'
+    proc = _run(tmp_path, workdir, '--config.train.n_steps=2', launcher=launcher, use_cpu=False, check=False)
+    assert proc.returncode != 0
+    assert 'the launcher started 2 processes (WORLD_SIZE=2) but accelerate runs 1' in proc.stderr
+    assert 'ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu' in proc.stderr
+    assert not workdir.exists()
+
+
+def test_a_sharded_launch_on_cpu_processes_is_refused(tmp_path):
+    """accelerate turns an FSDP launch of CPU processes into plain DDP without a word (with sync_module_states, its
+    plugin fails first, asking for a GPU)."""
+    launcher = (sys.executable, '-m', 'accelerate.commands.accelerate_cli', 'launch', '--config_file',
+                str(ROOT / 'configs' / 'accelerate' / 'fsdp_shard_grad_op.yaml'), '--num_processes', '2',
+                '--fsdp_sync_module_states', 'false', '--mixed_precision', 'no', '--main_process_port', '0')
+    proc = _run(tmp_path, tmp_path / 'fsdp', '--config.train.n_steps=2', launcher=launcher, check=False)
+    assert proc.returncode != 0
+    assert 'the launch asks for FSDP (ACCELERATE_USE_FSDP=true) but accelerate runs MULTI_CPU' in proc.stderr

@@ -1,0 +1,67 @@
+"""The data side of a training run: data set, autoencoder, and each process's stream of training latents.
+
+Micro-batch s of process r is a fixed slice of a seeded permutation (libs.batching.StepBatchSampler), flips and
+label dropout come from the run's `data` generator and the autoencoder's posterior samples from its `device`
+generator (libs.training.rng), so a resumed run sees exactly the batches an uninterrupted one would.
+"""
+import torch
+
+from libs.batching import StepBatchSampler
+from libs.datasets import augment_batch, get_dataset
+
+__all__ = ['TrainData', 'latent_shape']
+
+
+def latent_shape(config, dataset):
+    """Shape of the diffusion variable the data set yields, after the autoencoder if any."""
+    C, H, W = dataset.item_shape
+    if dataset.kind == 'moments':
+        return (C // 2, H, W)
+    if config.get('autoencoder'):
+        return (4, H // 8, W // 8)
+    return (C, H, W)
+
+
+class TrainData:
+    """Data set and autoencoder of `config`, checked against config.z_shape and the network's class count."""
+
+    def __init__(self, config, device):
+        self.config, self.device = config, device
+        self.conditional = config.train.mode == 'cond'
+        self.dataset = get_dataset(**config.dataset)
+        self.autoencoder = None
+        if config.get('autoencoder'):
+            from libs.autoencoder import load_autoencoder
+            self.autoencoder = load_autoencoder(config.autoencoder.pretrained_path, device=device)
+        elif self.dataset.kind == 'moments':
+            raise ValueError(f"data set {config.dataset.name!r} holds latents: config.autoencoder is required")
+        shape = latent_shape(config, self.dataset)
+        if tuple(config.z_shape) != shape:
+            raise ValueError(f"config.z_shape={tuple(config.z_shape)} but data set {config.dataset.name!r} gives "
+                             f"{shape} (item shape {self.dataset.item_shape})")
+        K = config.nnet.get('num_embeds_ada_norm', 1000)
+        if K != self.dataset.num_classes:
+            raise ValueError(f"config.nnet.num_embeds_ada_norm={K} but the data set has {self.dataset.num_classes} classes")
+
+    def loader(self, rank, world_size, start_micro_batch):
+        """DataLoader of this process's micro-batches from global micro-batch `start_micro_batch` on (endless)."""
+        tc = self.config.train
+        sampler = StepBatchSampler(len(self.dataset), tc.batch_size, rank, world_size,
+                                   seed=self.config.seed, start=start_micro_batch)
+        workers = tc.get('num_workers', 0)
+        return torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=workers,
+                                           persistent_workers=workers > 0)
+
+    @torch.no_grad()
+    def to_latents(self, x, rng):
+        if self.dataset.kind == 'moments':
+            return self.autoencoder.sample(x, generator=rng.device)
+        if self.autoencoder is not None:
+            return self.autoencoder.encode(x, mode='sample', generator=rng.device)
+        return x
+
+    def next_batch(self, batches, rng):
+        """(latents z, labels y) of the next micro-batch, on the device."""
+        x, y = next(batches)
+        x, y = augment_batch(x, y, self.dataset, self.config.dataset.get('p_uncond', 0.0), self.conditional, rng.data)
+        return self.to_latents(x.to(self.device), rng), y.to(self.device)

@@ -1,0 +1,157 @@
+"""The state of a training run (network, optimiser, LR schedule, EMA, step, generators), saved and resumed by every
+process.
+
+Checkpoint layout, `<workdir>/ckpts/<step>.ckpt/` (the released layout plus rng.pth):
+    nnet.pth, nnet_ema.pth   full fp32 state_dicts, official keys (assembled from the shards when sharded)
+    lr_scheduler.pth, step.pth, rng.pth (every process's generator states)
+    optimizer.pth            unsharded: the AdamW state_dict; sharded (FSDP, ZeRO-2): a manifest
+                             {'sharded_by', 'world_size', 'shards'} naming the per-process files
+    optimizer.rank<r>.pth    sharded only: process r's optimizer shard, written by process r
+Writers are spread over the processes (nnet.pth: 0, nnet_ema.pth: 1, the unsharded optimizer.pth: 2) so that no
+process waits long for another at the barrier that precedes the atomic rename (libs.checkpoint).
+
+Resume: every process opens the newest checkpoint it can read, memory-mapped (only its own optimizer shard), the
+processes agree on the newest step all of them can read, and each takes its parts. A checkpoint of another launch
+(sharded differently, another process count) stops the run with a message instead of restarting from step 0.
+"""
+import logging
+import os
+
+import torch.distributed as dist
+from accelerate.utils import set_seed
+
+from libs import get_nnet
+from libs.checkpoint import (FILES, CheckpointError, commit, latest_resumable, load_checkpoint, read_file,
+                             staging_dir, write_files)
+from libs.optim import make_ema, make_lr_scheduler, make_optimizer
+from libs.training.ema import EMA
+from libs.training.launch import sharding_kind
+from libs.training.optimizer_state import load_optimizer_state, optimizer_state
+from libs.training.rng import RunRNG
+from libs.training.sharding import ParamLayout, replica_record
+
+__all__ = ['TrainState', 'shard_file']
+
+log = logging.getLogger(__name__)
+
+
+def shard_file(rank):
+    return f'optimizer.rank{rank}.pth'
+
+
+def _distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def _all_gather_object(obj):
+    if not _distributed():
+        return [obj]
+    objs = [None] * dist.get_world_size()
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
+class TrainState:
+    """Builds the run's state for `config` on accelerator `acc`, from the newest checkpoint in `ckpt_root` if any."""
+
+    def __init__(self, config, acc, ckpt_root):
+        self.config, self.acc, self.ckpt_root = config, acc, ckpt_root
+        self.kind, self.rank, self.world = sharding_kind(acc), acc.process_index, acc.num_processes
+        self.token = _all_gather_object(os.urandom(4).hex())[0]        # names this run's staging folders
+        self.step, states = latest_resumable(ckpt_root, self._open, agree=lambda s: min(_all_gather_object(s)))
+
+        set_seed(config.seed)                       # the initial weights, identical on every process
+        self.nnet_config = config.nnet.to_dict()
+        self.nnet_config.pop('pretrained_path', None)
+        model = get_nnet(**(self.nnet_config if states is not None else config.nnet.to_dict()))
+        model.gradient_checkpointing = bool(config.get('gradient_checkpointing', False))
+        full_shapes = {n: p.shape for n, p in model.named_parameters()}
+        if set(model.state_dict()) != set(full_shapes):
+            raise RuntimeError('the network has buffers; the EMA and checkpoint code handles parameters only')
+        self.n_params = sum(s.numel() for s in full_shapes.values())
+        if states is not None:
+            model.load_state_dict(states['nnet.pth'])
+        optimizer = make_optimizer(model.parameters(), **config.optimizer)
+        self.lr_scheduler = make_lr_scheduler(optimizer, **config.lr_scheduler)
+        self.rng = RunRNG(config.seed, self.rank, acc.device)
+        if states is not None:
+            self.lr_scheduler.load_state_dict(states['lr_scheduler.pth'])
+            self.rng.restore(states['rng.pth'], self.world, self.step)
+        model.to(acc.device)
+        ema_module = make_ema(model) if self.kind == 'replicated' else None
+        self.nnet, self.optimizer = acc.prepare(model, optimizer)
+        self.layout = ParamLayout(self.kind, self.nnet, acc.unwrap_model(self.nnet), full_shapes, self.rank, self.world)
+        self.ema = EMA(self.layout, module=ema_module, build_model=lambda: get_nnet(**self.nnet_config))
+        if states is not None:
+            self.ema.load_full_state_dict(states['nnet_ema.pth'])
+            load_optimizer_state(self.kind, self.optimizer, states['optimizer_local'], self.rank, self.world)
+            log.info('resumed from %s/%d.ckpt', ckpt_root, self.step)
+        del states
+
+    # ------------------------------------------------------------------------------------------------ resume
+    def _open(self, path):
+        """What this process needs from one checkpoint folder (memory-mapped); DamagedCheckpoint to skip it."""
+        states = load_checkpoint(path, FILES)
+        opt = states['optimizer.pth']
+        manifest = opt if isinstance(opt, dict) and 'sharded_by' in opt else None
+        if manifest is None and self.kind != 'replicated':
+            raise CheckpointError(f"{path} was saved by an unsharded run (its optimizer.pth is one full state); "
+                                  f"this launch shards it ({self.kind}): resume with the launch that wrote it")
+        if manifest is not None and (manifest['sharded_by'], manifest['world_size']) != (self.kind, self.world):
+            raise CheckpointError(
+                f"{path} was saved by a {manifest['sharded_by']} run over {manifest['world_size']} processes, this "
+                f"launch is {self.kind} over {self.world}: its sharded optimizer state fits only the launch that "
+                "wrote it (same launch config and process count)")
+        states['optimizer_local'] = read_file(path, shard_file(self.rank)) if manifest else opt
+        return states
+
+    # ------------------------------------------------------------------------------------------------ save
+    def _writers(self):
+        W = self.world
+        writers = {'nnet.pth': 0, 'nnet_ema.pth': 1 % W, 'lr_scheduler.pth': 0, 'step.pth': 0, 'rng.pth': 0,
+                   'optimizer.pth': 0 if self.layout.sharded else 2 % W}
+        return writers
+
+    def save(self, keep=None):
+        """Write checkpoint `step` (every process calls it); returns its path on process 0, None elsewhere."""
+        writers = self._writers()
+        files = {}
+        nnet_state = self.layout.gather_full(self.layout.local_tensors(), dst=writers['nnet.pth'])
+        ema_state = self.ema.full_state_dict(dst=writers['nnet_ema.pth'])
+        rng_states = _all_gather_object(self.rng.state())
+        if self.layout.sharded:
+            files[shard_file(self.rank)] = optimizer_state(self.kind, self.optimizer)
+            optimizer_file = {'sharded_by': self.kind, 'world_size': self.world,
+                              'shards': [shard_file(r) for r in range(self.world)]}
+        else:
+            optimizer_file = optimizer_state(self.kind, self.optimizer) if self.rank == writers['optimizer.pth'] else None
+        everything = {'nnet.pth': nnet_state, 'nnet_ema.pth': ema_state, 'optimizer.pth': optimizer_file,
+                      'lr_scheduler.pth': self.lr_scheduler.state_dict(), 'step.pth': self.step,
+                      'rng.pth': RunRNG.file_state(rng_states, self.rng.device_type)}
+        files.update({name: obj for name, obj in everything.items() if writers[name] == self.rank})
+        write_files(staging_dir(self.ckpt_root, self.step, self.token), files)
+        del nnet_state, ema_state, everything, files
+        if _distributed():
+            dist.barrier()                          # every process's files are on disk before the rename
+        if self.rank != 0:
+            return None
+        shards = [shard_file(r) for r in range(self.world)] if self.layout.sharded else []
+        return commit(self.ckpt_root, self.step, self.token, keep=keep, expect=shards)
+
+    # ------------------------------------------------------------------------------------------------ checks
+    def replica_record(self):
+        """The cross-process consistency check (libs.training.sharding.replica_record) as a log record."""
+        return replica_record(self.layout, self.step, self.lr_scheduler.get_last_lr()[0])
+
+    @property
+    def lr(self):
+        return self.lr_scheduler.get_last_lr()[0]
+
+
+def describe(state):
+    """One line for the start-up log: parameter count (of the full model) and how it is laid out."""
+    layout = state.layout
+    if not layout.sharded:
+        return f'{state.n_params / 1e6:.2f}M parameters'
+    return (f'{state.n_params / 1e6:.2f}M parameters, {state.kind}: this process holds '
+            f'{layout.local_numel / 1e6:.2f}M of the fp32 weights, EMA and optimizer state')
