@@ -1,26 +1,34 @@
-"""Sample a trained DiM into a folder of PNGs and score it (FID against the config's reference statistics).
+"""Sample a trained DiM into a folder of PNGs and score it: FID, sFID, Inception Score, precision and recall
+(ADM's suite, libs/adm_metrics.py) against the config's reference file.
 
     python eval_ldm_discrete.py --config=configs/imagenet256_H_DiM.py --nnet_path=PATH/nnet_ema.pth
     accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 eval_ldm_discrete.py \
-        --config=configs/imagenet256_H_DiM.py --nnet_path=PATH/nnet_ema.pth [--config.sample.n_samples=10000]
+        --config=configs/imagenet256_H_DiM.py --nnet_path=PATH/nnet_ema.pth [--config.sample.n_samples=10000] [--npz]
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 eval_ldm_discrete.py ...   # CPU processes
 
 Sample i's noise and class label depend only on (config.seed, i), and the images are made in fixed batches of
 config.sample.mini_batch_size indices (dealt round-robin to the processes), so any number of processes writes
 the same `{i}.png` files. Restarting the same command skips batches whose images all exist (a partly written batch is
 sampled again and only its missing images written). The folder gets `run.json` (what made the images; a folder
-holding images of another run is refused unless --overwrite) and `results.json` (FID, timings). The network runs
-under the autocast of --mixed_precision, the sampler and the VAE decoder in fp32.
+holding images of another run is refused unless --overwrite) and `results.json` (metrics, the ones that could not be
+computed and why, timings); --npz adds `samples.npz` (`arr_0`, uint8 N x H x W x 3), the input of ADM's TensorFlow
+evaluator. The network runs under the autocast of --mixed_precision, the sampler and the VAE decoder in fp32.
+
+Every process scores its own share: the Inception features of the images it samples (in memory, from the same
+uint8 pixels that its PNG writer thread stores) and of the already-written batches dealt to it (read back), batch by
+batch as the plan cuts them; the features are gathered by sample index and every process computes the same metrics,
+so the scores do not depend on the process count and no process waits alone while another scores.
 """
 import hashlib
 import json
 import logging
 import os
-import re
 import time
+from datetime import timedelta
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from absl import app, flags
 from accelerate import Accelerator
 from ml_collections import config_flags
@@ -28,17 +36,18 @@ from PIL import Image
 from tqdm import tqdm
 
 from libs import get_nnet
+from libs.adm_metrics import load_reference
 from libs.config_loader import config_name
-from libs.fid import IMAGE_EXTENSIONS, activation_statistics, default_weights_path, folder_activations, \
-    frechet_distance, load_inception, load_statistics
+from libs.fid import default_weights_path, load_inception
+from libs.sample_files import (NPZ_NAME, PngWriter, image_names, png_array, prepare_output_dir, read_png,
+                               write_adm_npz, write_json)
+from libs.sample_scorer import SampleScorer, to_uint8
 from libs.sampling import generate, index_labels, index_noise, sampler_options, to_images
 from libs.weights import load_nnet_weights
 
 FLAGS = flags.FLAGS
-_PNG = re.compile(r'^(0|[1-9]\d*)\.png$')
-_TMP = re.compile(r'^\.\d+\.png\.\d+\.tmp$')
-# run.json fields that may change between restarts of one run (they do not change which images are made).
-_NOT_COMPARED = ('nnet_path', 'mini_batch_size')
+# The last collective waits for the main process to write samples.npz (tens of GB at 512 px on a slow filesystem).
+NPZ_BARRIER_TIMEOUT = timedelta(hours=4)
 
 
 def define_flags():
@@ -49,6 +58,8 @@ def define_flags():
     flags.DEFINE_string('output_dir', None, 'Image folder (default: config.sample.path if set, else '
                         'workdir/<config name>/eval/<nnet folder>_<nnet file stem>).')
     flags.DEFINE_bool('overwrite', False, 'Delete the images of another run found in the output folder.')
+    flags.DEFINE_bool('npz', False, f'Also write the samples as <output_dir>/{NPZ_NAME} (arr_0: uint8 N x H x W x 3), '
+                      "the input of ADM's evaluations/evaluator.py (the tool DiT and SiT report with).")
     flags.mark_flags_as_required(['config', 'nnet_path'])
 
 
@@ -115,71 +126,6 @@ class SamplePlan:
                     vis_label=self.vis_label, mini_batch_size=self.mini_batch, **extra)
 
 
-def image_names(folder):
-    """{index: name} of the `{i}.png` files in folder, and the names of its other image files."""
-    ours, others = {}, []
-    for name in os.listdir(folder):
-        match = _PNG.match(name)
-        if match:
-            ours[int(match.group(1))] = name
-        elif name.lower().endswith(IMAGE_EXTENSIONS):
-            others.append(name)
-    return ours, sorted(others)
-
-
-def prepare_output_dir(folder, run, overwrite):
-    """Create the folder, or check that the images already in it come from this run; write run.json.
-
-    Images of another run (or of an unknown one) are an error unless `overwrite`, which deletes them.
-    """
-    os.makedirs(folder, exist_ok=True)
-    for name in os.listdir(folder):                  # leftovers of an interrupted write
-        if _TMP.match(name):
-            os.remove(os.path.join(folder, name))
-    ours, others = image_names(folder)
-    if others:
-        raise RuntimeError(f"{folder} holds image files not written by this script ({others[:5]}...); they would "
-                           "count in the FID. Remove them or choose another --output_dir")
-    run_file = os.path.join(folder, 'run.json')
-    previous = None
-    if os.path.isfile(run_file):
-        with open(run_file) as f:
-            previous = json.load(f)
-    stale = sorted(i for i in ours if i >= run['n_samples'])
-    if ours and previous is None:
-        problem = f"holds {len(ours)} images but no run.json (unknown run)"
-    else:
-        diff = {k: (previous.get(k), v) for k, v in run.items()
-                if ours and k not in _NOT_COMPARED and previous.get(k) != v}
-        problem = (f"holds {len(ours)} images of another run; differences (before, now): {diff}" if diff else
-                   f"holds images {stale[:5]}... beyond n_samples={run['n_samples']}" if stale else None)
-    if problem:
-        if not overwrite:
-            raise RuntimeError(f"output folder {folder} {problem}. Pass --overwrite to delete them, or choose "
-                               "another --output_dir")
-        logging.warning('deleting %d images of another run in %s (--overwrite)', len(ours), folder)
-        for name in [*ours.values(), 'results.json']:
-            if os.path.exists(os.path.join(folder, name)):
-                os.remove(os.path.join(folder, name))
-    _write_json(run_file, run)
-
-
-def _write_json(path, obj):
-    tmp = f'{path}.{os.getpid()}.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def save_png(image, path):
-    """(C, H, W) float image in [0, 1] -> 8-bit PNG (as torchvision's save_image), written atomically."""
-    array = image.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f'.{name}.{os.getpid()}.tmp')
-    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(tmp, format='PNG')
-    os.replace(tmp, path)
-
-
 def load_network(config, nnet_path):
     """The config's DiM with `nnet_path` loaded strictly (its positional table interpolated if its grid differs)."""
     kwargs = {k: v for k, v in config.nnet.to_dict().items() if k != 'pretrained_path'}
@@ -204,7 +150,7 @@ class FileChecks:
 
 
 def check_metric_files(config, inception_path, device, load):
-    """Load what the score needs: ('fid', (mu, sigma, inception)) or ('digits', None)."""
+    """Load what the score needs: ('fid', (reference, inception)) or ('digits', None)."""
     # HOOK (digits demo): a pixel-space digits config is scored by libs/digits_report.py (classifier accuracy)
     # instead of FID, when that module exists.
     if config.dataset.name == 'digits':
@@ -216,16 +162,11 @@ def check_metric_files(config, inception_path, device, load):
     if not config.dataset.get('fid_stat'):
         raise ValueError(f"config.dataset.fid_stat is not set: no reference statistics for the FID of "
                          f"{config.dataset.name!r} (make them with scripts/fid_reference_stats.py)")
-    stats = load(load_statistics, config.dataset.fid_stat) or (None, None)
-    return 'fid', (*stats, load(load_inception, inception_path, device))
+    return 'fid', (load(load_reference, config.dataset.fid_stat), load(load_inception, inception_path, device))
 
 
-def score(kind, assets, folder, plan):
-    """The metric of the images in folder: {'fid': ...} or the digits report's fields."""
-    if kind == 'fid':
-        mu_ref, sigma_ref, inception = assets
-        mu, sigma = activation_statistics(folder_activations(folder, inception))
-        return {'fid': frechet_distance(mu, sigma, mu_ref, sigma_ref)}
+def digits_score(folder, plan):
+    """The digits report's fields for the images in folder (main process)."""
     from libs.digits_report import write_digits_report  # HOOK (digits demo), see check_metric_files
     images = []
     for i in range(plan.n):
@@ -236,35 +177,78 @@ def score(kind, assets, folder, plan):
         return {'digits_report': report, **json.load(f)}
 
 
-def evaluate(config, nnet_path, output_dir=None, inception_path=None, overwrite=False, name='config'):
-    """Sample config.sample.n_samples images into output_dir and score them; returns the results dict (main
-    process) or None (other processes)."""
-    start = time.time()
+def raise_if_any_failed(accelerator, error, group=None):
+    """Collective: every process says whether it failed; a failed one re-raises its error, the others raise too
+    (so that none goes on to wait alone at the next collective)."""
+    if accelerator.num_processes > 1:
+        device = torch.device('cpu') if group is not None else accelerator.device
+        flag = torch.tensor([int(error is not None)], device=device)
+        flags = [torch.zeros_like(flag) for _ in range(accelerator.num_processes)]
+        dist.all_gather(flags, flag, group=group)
+        failed = [rank for rank, f in enumerate(flags) if f.item()]
+    else:
+        failed = [0] if error is not None else []
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f'process(es) {failed} failed (their error is in their log); stopping')
+
+
+def scoring_batch(images, indices, done, folder):
+    """(B, 3, H, W) uint8 images of `indices` as the folder holds them: those written earlier read back, the others
+    the freshly sampled `images` (the pixels being written)."""
+    images = images.expand(-1, 3, -1, -1)
+    if not any(i in done for i in indices):
+        return images
+    return torch.stack([read_png(os.path.join(folder, f'{i}.png')) if i in done else image
+                        for i, image in zip(indices, images)])
+
+
+def evaluate(config, nnet_path, output_dir=None, inception_path=None, overwrite=False, name='config', npz=False):
+    """Sample config.sample.n_samples images into output_dir and score them (see the module docstring); returns
+    the results dict (main process) or None (other processes)."""
     accelerator = Accelerator()
+    results = run_evaluation(accelerator, config, nnet_path, output_dir, inception_path, overwrite, name, npz)
+    # Tear the process group down before exit: left to the interpreter's shutdown, its threads can die mid-use
+    # and abort a finished run (SIGABRT / SIGBUS seen with 2 gloo processes). run_evaluation ended on a collective.
+    accelerator.end_training()
+    return results
+
+
+def run_evaluation(accelerator, config, nnet_path, output_dir=None, inception_path=None, overwrite=False,
+                   name='config', npz=False):
+    """evaluate() on a given Accelerator (every process calls it); ends with a collective call."""
+    start = time.time()
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     device = accelerator.device
     plan = SamplePlan(config)
     folder = output_dir or default_output_dir(config, name, nnet_path)
     inception_path = inception_path or config.sample.get('inception_path') or None
+    npz_group = dist.new_group(backend='gloo', timeout=NPZ_BARRIER_TIMEOUT) if npz and world > 1 else None
 
-    # Every input file is loaded (and so checked) before any sampling; all missing ones are reported together.
-    load = FileChecks()
-    metric, metric_assets = check_metric_files(config, inception_path, device, load) if is_main else (None, None)
-    nnet = load(load_network, config, nnet_path)
-    autoencoder = None
-    if config.get('autoencoder'):
-        from libs.autoencoder import load_autoencoder
-        autoencoder = load(load_autoencoder, config.autoencoder.pretrained_path, device=device)
-    load.raise_if_missing()
-    if is_main:
-        run = dict(config=name, nnet_path=os.path.abspath(nnet_path), nnet_bytes=os.path.getsize(nnet_path),
-                   nnet_sha256=file_sha256(nnet_path),
-                   autoencoder=config.autoencoder.pretrained_path if autoencoder is not None else None,
-                   mixed_precision=accelerator.mixed_precision, **plan.record())
-        prepare_output_dir(folder, run, overwrite)
-    accelerator.wait_for_everyone()
+    # Every input file is loaded (and so checked) on every process before any sampling; all missing ones are
+    # reported together.
+    error = metric = metric_assets = nnet = autoencoder = None
+    try:
+        load = FileChecks()
+        metric, metric_assets = check_metric_files(config, inception_path, device, load)
+        nnet = load(load_network, config, nnet_path)
+        if config.get('autoencoder'):
+            from libs.autoencoder import load_autoencoder
+            autoencoder = load(load_autoencoder, config.autoencoder.pretrained_path, device=device)
+        load.raise_if_missing()
+        if is_main:
+            run = dict(config=name, nnet_path=os.path.abspath(nnet_path), nnet_bytes=os.path.getsize(nnet_path),
+                       nnet_sha256=file_sha256(nnet_path),
+                       autoencoder=config.autoencoder.pretrained_path if autoencoder is not None else None,
+                       mixed_precision=accelerator.mixed_precision, **plan.record())
+            prepare_output_dir(folder, run, overwrite)
+    except Exception as e:
+        error = e
+    raise_if_any_failed(accelerator, error)
     done = set(image_names(folder)[0])
     pending = [b for b in range(plan.n_batches) if not all(i in done for i in plan.indices(b))]
+    complete = sorted(set(range(plan.n_batches)) - set(pending))
     to_write = sum(i not in done for b in pending for i in plan.indices(b))
     accelerator.wait_for_everyone()                  # every process has listed the folder before any writes
 
@@ -274,42 +258,78 @@ def evaluate(config, nnet_path, output_dir=None, inception_path=None, overwrite=
                  '(%d to make, %d done) on %d process(es), %s', config.nnet.name, n_params / 1e6, nnet_path,
                  plan.options['algorithm'], plan.options['steps'], plan.options['guidance'], plan.n,
                  plan.mini_batch, to_write, len(done), world, device)
+    scorer = SampleScorer(metric_assets[1], plan.n) if metric == 'fid' else None
     sample_start = time.time()
-    for b in tqdm(pending[rank::world], desc='sample', unit='batch', disable=not is_main, dynamic_ncols=True):
-        indices = plan.indices(b)
-        z = index_noise(indices, plan.z_shape, plan.seed)
-        latents = generate(nnet, z, plan.labels(indices), plan.options, plan.seed, indices[0])
-        for i, image in zip(indices, to_images(latents, autoencoder)):
-            if i not in done:
-                save_png(image, os.path.join(folder, f'{i}.png'))
-    accelerator.wait_for_everyone()
-    sampling_time = time.time() - sample_start
+    sampling_time = 0.0
+    try:
+        with PngWriter(max_pending=4 * plan.mini_batch) as writer:
+            for b in tqdm(pending[rank::world], desc='sample', unit='batch', disable=not is_main,
+                          dynamic_ncols=True):
+                indices = plan.indices(b)
+                z = index_noise(indices, plan.z_shape, plan.seed)
+                latents = generate(nnet, z, plan.labels(indices), plan.options, plan.seed, indices[0])
+                images = to_uint8(to_images(latents, autoencoder))
+                for i, image in zip(indices, images):
+                    if i not in done:
+                        writer.put(png_array(image), os.path.join(folder, f'{i}.png'))
+                if scorer is not None:
+                    scorer.add(scoring_batch(images, indices, done, folder), indices)
+        sampling_time = time.time() - sample_start
+        if scorer is not None:
+            for b in tqdm(complete[rank::world], desc='score written images', unit='batch', disable=not is_main,
+                          dynamic_ncols=True):
+                indices = plan.indices(b)
+                scorer.add(torch.stack([read_png(os.path.join(folder, f'{i}.png')) for i in indices]), indices)
+    except Exception as e:
+        error = e
+    raise_if_any_failed(accelerator, error)          # every PNG of every process is written from here on
+    score_start = time.time()
+    metrics, not_computed = scorer.score(metric_assets[0]) if scorer is not None else ({}, {})
+    scoring_time = time.time() - score_start
     results = None
-    if is_main:
-        results = score_and_report(metric, metric_assets, folder, plan, to_write, sampling_time, start, nnet_path, accelerator)
-    # Tear the process group down before exit: left to the interpreter's shutdown, its threads can die mid-use
-    # and abort a finished run (SIGABRT / SIGBUS seen with 2 gloo processes).
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    try:
+        if is_main:
+            timings = dict(images_written=to_write, sampling_time_s=round(sampling_time, 2),
+                           scoring_time_s=round(scoring_time, 2),
+                           images_per_s=round(to_write / sampling_time, 3) if to_write else None)
+            results = report(metric, metric_assets, metrics, not_computed, folder, plan, timings, start, nnet_path,
+                             accelerator, npz)
+    except Exception as e:
+        error = e
+    raise_if_any_failed(accelerator, error, group=npz_group)
     return results
 
 
-def score_and_report(metric, metric_assets, folder, plan, to_write, sampling_time, start, nnet_path, accelerator):
-    """Main process: checks the folder is complete, scores it and writes results.json; returns the results."""
+def report(metric, metric_assets, metrics, not_computed, folder, plan, timings, start, nnet_path, accelerator, npz):
+    """Main process: checks the folder is complete, writes results.json (and samples.npz); returns the results."""
     device, world = accelerator.device, accelerator.num_processes
     ours, _ = image_names(folder)
     if sorted(ours) != list(range(plan.n)):
         raise RuntimeError(f"{folder} holds {len(ours)} images, expected exactly 0.png ... {plan.n - 1}.png")
-    results = score(metric, metric_assets, folder, plan)
+    results = dict(metrics, metrics_not_computed=not_computed) if metric == 'fid' else digits_score(folder, plan)
+    if metric == 'fid':
+        results.update(reference=os.path.abspath(metric_assets[0].path))
     results.update(
         n_samples=plan.n, sampler=plan.options['algorithm'], steps=plan.options['steps'],
-        guidance=plan.options['guidance'], images_written=to_write, sampling_time_s=round(sampling_time, 2),
-        images_per_s=round(to_write / sampling_time, 3) if to_write else None,
-        wall_time_s=round(time.time() - start, 2), nnet_path=os.path.abspath(nnet_path),
+        guidance=plan.options['guidance'], **timings, wall_time_s=round(time.time() - start, 2),
+        nnet_path=os.path.abspath(nnet_path),
         device=torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type,
         num_processes=world, mixed_precision=accelerator.mixed_precision, images=os.path.abspath(folder))
-    _write_json(os.path.join(folder, 'results.json'), results)
-    summary = f"FID {results['fid']:.4f}" if 'fid' in results else f"digits report {results['digits_report']}"
+    if npz:
+        npz_path = os.path.join(os.path.abspath(folder), NPZ_NAME)
+        shape = write_adm_npz(npz_path, [os.path.join(folder, f'{i}.png') for i in range(plan.n)])
+        results.update(npz=npz_path)
+        logging.info('wrote %s: arr_0 uint8 %s', npz_path, 'x'.join(map(str, shape)))
+    write_json(os.path.join(folder, 'results.json'), results)
+    if metric == 'fid':
+        names = dict(fid='FID', sfid='sFID', inception_score='IS', precision='precision', recall='recall')
+        summary = ', '.join(f'{names[k]} {results[k]:.4f}' for k in names if k in results)
+        reasons = {}
+        for k, why in not_computed.items():
+            reasons.setdefault(why, []).append(k)
+        summary += ''.join(f'; no {", ".join(ks)}: {why}' for why, ks in reasons.items())
+    else:
+        summary = f"digits report {results['digits_report']}"
     logging.info('%s over %d images; images in %s, results in %s', summary, plan.n, os.path.abspath(folder),
                  os.path.join(os.path.abspath(folder), 'results.json'))
     return results
@@ -319,7 +339,8 @@ def main(_):
     logging.basicConfig(level=logging.INFO if int(os.environ.get('RANK', 0)) == 0 else logging.ERROR, force=True,
                         format='%(asctime)s %(levelname)s %(message)s', datefmt='%H:%M:%S')
     name = config_name(config_flags.get_config_filename(FLAGS['config']))
-    evaluate(FLAGS.config, FLAGS.nnet_path, FLAGS.output_dir, FLAGS.inception_path, FLAGS.overwrite, name)
+    evaluate(FLAGS.config, FLAGS.nnet_path, FLAGS.output_dir, FLAGS.inception_path, FLAGS.overwrite, name,
+             FLAGS.npz)
 
 
 if __name__ == '__main__':

@@ -2,9 +2,12 @@
 
 Features are the 2048-d final average pool of ``pytorch_fid.inception.InceptionV3([3])``; statistics are
 (mu, sigma) in float64 as in U-ViT's ``fid_stats_*.npz`` files; the distance is pytorch-fid's.
+:meth:`FIDInception.activations` also gives the features of the rest of ADM's suite (libs/adm_metrics.py):
+the sFID spatial features and the 1008 Inception-Score logits, in the same forward pass.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import OrderedDict
@@ -57,21 +60,85 @@ def fid_inception_v3() -> torchvision.models.Inception3:
     return net
 
 
+@contextlib.contextmanager
+def full_fp32(device: torch.device):
+    """No autocast and, on CUDA, no TF32 matmuls/convolutions (restored after): Inception features in true float32
+    whatever the launch's precision settings."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+SPATIAL_CHANNELS, SPATIAL_SIZE = 7, 17      # sFID: the first 7 channels of a 17x17 map -> 2023 features
+FEATURE_DIMS = {"pool": 2048, "spatial": SPATIAL_CHANNELS * SPATIAL_SIZE ** 2, "logits": 1008}
+_SPATIAL_BLOCK = "Mixed_6d"
+
+
 class FIDInception(nn.Module):
-    """Images (B,3,H,W) in [0,1] -> (B,2048) pool features, computed as pytorch-fid's ``InceptionV3([3])``."""
+    """Images (B,3,H,W) in [0,1] -> (B,2048) pool features, computed as pytorch-fid's ``InceptionV3([3])``.
+
+    :meth:`activations` returns, from one pass, the features of ADM's ``evaluations/evaluator.py`` (TF graph
+    ``classify_image_graph_def.pb``, the graph these weights were ported from):
+
+    - ``pool`` (B, 2048): TF ``pool_3:0``, the FID features.
+    - ``spatial`` (B, 2023): TF ``mixed_6/conv:0[..., :7]``, the sFID features. The TF graph's 11 mixed blocks
+      ``mixed, mixed_1, ..., mixed_10`` are torchvision's ``Mixed_5b, 5c, 5d, 6a, 6b, 6c, 6d, 6e, 7a, 7b, 7c`` in
+      order (equal channel counts and grid sizes block by block; TF-to-PyTorch weight converters map
+      ``mixed_6/conv/{conv2d_params,batchnorm}`` to ``Mixed_6d.branch1x1.{conv,bn}``), and the node
+      ``mixed_6/conv`` is the ReLU closing that 1x1 conv -> batch norm -> ReLU (its ops are
+      ``mixed_6/conv/Conv2D`` and ``mixed_6/conv/batchnorm``). So this is the **post-ReLU** output of
+      ``Mixed_6d.branch1x1``, 192 x 17 x 17 at 299 px, of which the first 7 channels (output channels keep
+      their order through the HWIO -> OIHW weight port) are flattened as TF flattens NHWC: (h, w, c), c fastest.
+      Confidence: high for the layer and the channel order (read from the graph's names and converters), not
+      checked against TensorFlow here (it cannot run here). The FID of these features is invariant to the
+      flattening order; the order only matters to compare ``mu_s``/``sigma_s`` with ADM's reference files.
+    - ``logits`` (B, 1008): ``pool @ fc.weight.T`` without ``fc.bias``, as ADM's Inception Score (the TF
+      ``softmax/logits/MatMul`` weight, no bias; torch-fidelity's ``logits_unbiased``). ``fc`` holds the TF
+      graph's ``softmax/weights``, whose 1008 outputs ADM's softmax takes all of, and so do we.
+
+    The input pipeline is pytorch-fid's (bilinear resize with half-pixel centres, then 2x - 1), not the TF
+    graph's (TF1 ``ResizeBilinear`` without half-pixel centres, then (x - 128) / 128), so every feature is close
+    to ADM's but not bit-equal (pytorch-fid's README: FID 0.08 absolute / 0.0009 relative apart from TF's on
+    LSUN ProGAN samples). For ADM's exact numbers, export the samples (eval_ldm_discrete.py --npz) and run ADM's
+    evaluator on them.
+    """
 
     def __init__(self, state_dict: dict[str, torch.Tensor]):
         super().__init__()
         net = fid_inception_v3()
         net.load_state_dict(state_dict, strict=True)
         self.features = nn.Sequential(OrderedDict((name, getattr(net, name)) for name in _FEATURE_LAYERS))
+        self.register_buffer("logit_weight", net.fc.weight.detach().clone())     # (1008, 2048)
+        self._spatial_at = _FEATURE_LAYERS.index(_SPATIAL_BLOCK)
         self.requires_grad_(False)
         self.eval()
 
+    @staticmethod
+    def _prepare(x: torch.Tensor) -> torch.Tensor:
+        # One memory layout (NCHW) whatever the caller's (a permuted HWC tensor is channels-last), so that the
+        # same pixels always meet the same kernels: bitwise-equal features from memory and from files.
+        x = F.interpolate(x.float().contiguous(), size=(299, 299), mode="bilinear", align_corners=False)
+        return 2 * x - 1
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        return self.features(2 * x - 1).flatten(1)
+        with full_fp32(x.device):
+            return self.features(self._prepare(x)).flatten(1)
+
+    @torch.no_grad()
+    def activations(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Images (B,3,H,W) in [0,1] -> {'pool': (B,2048), 'spatial': (B,2023), 'logits': (B,1008)}, fp32."""
+        with full_fp32(x.device):
+            h = self.features[:self._spatial_at](self._prepare(x))
+            spatial = getattr(self.features, _SPATIAL_BLOCK).branch1x1(h)[:, :SPATIAL_CHANNELS]
+            pool = self.features[self._spatial_at:](h).flatten(1)
+            return {"pool": pool, "spatial": spatial.permute(0, 2, 3, 1).flatten(1),
+                    "logits": pool @ self.logit_weight.T}
 
 
 def load_inception(path: str | None = None, device: torch.device | str | None = None) -> FIDInception:
@@ -123,17 +190,20 @@ def _activations(model: FIDInception, batches, n: int, n_batches: int, progress:
     return out
 
 
-def folder_activations(folder: str, model: FIDInception, batch_size: int = 50, num_workers: int | None = None,
-                       progress: bool = True) -> np.ndarray:
-    """(N,2048) float64 activations of the N images in ``folder`` (PIL -> RGB -> [0,1]); all images the same size.
-
-    ``num_workers`` (image decoding processes) defaults to min(8, CPU count).
-    """
-    files = image_files(folder)
+def folder_loader(folder: str, batch_size: int = 50, num_workers: int | None = None) -> torch.utils.data.DataLoader:
+    """Batches (B,3,H,W) in [0,1] of the images in ``folder`` in :func:`image_files` order (PIL -> RGB ->
+    ``to_tensor``); all images the same size. ``num_workers`` (decoding processes) defaults to min(8, CPUs)."""
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1)
-    loader = torch.utils.data.DataLoader(_ImageFiles(files), batch_size=batch_size, num_workers=num_workers)
-    return _activations(model, loader, len(files), len(loader), progress)
+    return torch.utils.data.DataLoader(_ImageFiles(image_files(folder)), batch_size=batch_size,
+                                       num_workers=num_workers)
+
+
+def folder_activations(folder: str, model: FIDInception, batch_size: int = 50, num_workers: int | None = None,
+                       progress: bool = True) -> np.ndarray:
+    """(N,2048) float64 activations of the N images in ``folder`` (see :func:`folder_loader`)."""
+    loader = folder_loader(folder, batch_size, num_workers)
+    return _activations(model, loader, len(loader.dataset), len(loader), progress)
 
 
 def tensor_activations(images: torch.Tensor, model: FIDInception, batch_size: int = 50,
@@ -151,6 +221,37 @@ def activation_statistics(act: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if act.ndim != 2 or len(act) < 2:
         raise ValueError(f"need activations of shape (N>=2, D), got {act.shape}")
     return act.mean(axis=0), np.cov(act, rowvar=False)
+
+
+class StreamingMoments:
+    """Mean and covariance of (N, D) rows fed in batches, in float64, with memory independent of N.
+
+    Sums are taken about the first batch's mean (a shift that keeps the covariance free of cancellation);
+    the result equals :func:`activation_statistics` of all rows up to rounding (``np.cov`` normalisation, N-1).
+    """
+
+    def __init__(self):
+        self.n, self.shift, self.sum, self.outer = 0, None, None, None
+
+    def update(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=np.float64)
+        if rows.ndim != 2 or not len(rows):
+            raise ValueError(f"need a non-empty (B, D) batch, got shape {rows.shape}")
+        if self.shift is None:
+            self.shift = rows.mean(axis=0)
+            self.sum, self.outer = np.zeros_like(self.shift), np.zeros((len(self.shift),) * 2)
+        centred = rows - self.shift
+        self.n += len(rows)
+        self.sum += centred.sum(axis=0)
+        self.outer += centred.T @ centred
+
+    def statistics(self) -> tuple[np.ndarray, np.ndarray]:
+        """mu (D,), sigma (D, D), float64."""
+        if self.n < 2:
+            raise ValueError(f"need activations of at least 2 images, got {self.n}")
+        mean = self.sum / self.n
+        sigma = (self.outer - self.n * np.outer(mean, mean)) / (self.n - 1)
+        return self.shift + mean, (sigma + sigma.T) / 2
 
 
 def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:

@@ -15,8 +15,9 @@ from PIL import Image
 import eval_ldm_discrete as ev
 from conftest import ROOT
 from libs import get_nnet
+from libs.adm_metrics import load_reference, sample_metrics, save_reference
 from libs.config_loader import load_config
-from libs.fid import image_files
+from libs.fid import FEATURE_DIMS, load_inception
 from test_autoencoder import SMALL, random_ldm_state_dict
 from test_fid import random_inception_state_dict
 
@@ -58,7 +59,11 @@ def assets(tmp_path_factory):
     torch.save(get_nnet(**TINY).state_dict(), paths['nnet'])
     torch.save(random_ldm_state_dict(**SMALL), paths['vae'])
     torch.save(random_inception_state_dict(), paths['inception'])
-    np.savez(paths['stats'], mu=np.zeros(2048), sigma=np.eye(2048))
+    np.savez(paths['stats'], mu=np.zeros(2048), sigma=np.eye(2048))          # a U-ViT-style file: FID only
+    rng = np.random.default_rng(0)
+    paths['full_stats'] = str(root / 'full_stats.npz')                       # everything ADM's suite needs
+    save_reference(paths['full_stats'], np.full(2048, 0.1), np.eye(2048), np.full(2023, 0.1), np.eye(2023),
+                   np.abs(rng.normal(size=(12, 2048))).astype(np.float32))
     with open(paths['config'], 'w') as f:
         f.write(CONFIG.format(vae=paths['vae'], nnet=TINY, stats=paths['stats'], n=N, batch=BATCH,
                               inception=paths['inception']))
@@ -80,13 +85,29 @@ def pngs(folder):
     return {name: (folder / name).read_bytes() for name in os.listdir(folder) if name.endswith('.png')}
 
 
+class PixelFeatures(torch.nn.Module):
+    """Stand-in for FIDInception.activations: every feature is the images' pixels, tiled (the real network runs in
+    the end-to-end test)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer('anchor', torch.zeros(1))
+
+    def activations(self, x):
+        flat = x.flatten(1)
+        return {k: flat.repeat(1, -(-d // flat.shape[1]))[:, :d] for k, d in FEATURE_DIMS.items()}
+
+
 @pytest.fixture
 def fast_fid(monkeypatch):
-    """Inception activations replaced by the images' pixels (the real ones run in the end-to-end test)."""
-    def activations(folder, model, *args, **kwargs):
-        return np.stack([np.resize(np.asarray(Image.open(f), np.float64), 2048) for f in image_files(folder)])
+    monkeypatch.setattr(ev, 'load_inception', lambda path, device: PixelFeatures())
 
-    monkeypatch.setattr(ev, 'folder_activations', activations)
+
+def folder_features(folder, n):
+    """The stand-in's features of the PNGs 0..n-1 as written: the independent (file) path."""
+    images = torch.stack([torch.from_numpy(np.array(Image.open(folder / f'{i}.png').convert('RGB'))).permute(2, 0, 1)
+                          for i in range(n)])
+    return {k: v.numpy() for k, v in PixelFeatures().activations(images.float() / 255).items()}
 
 
 def free_port():
@@ -95,10 +116,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_one_and_two_processes_write_identical_images(assets, tmp_path):
+def test_one_and_two_processes_write_identical_images_and_scores(assets, tmp_path):
     # OMP_NUM_THREADS=1 for both: the same kernels (PyTorch does not promise bitwise equality across thread counts).
     env = dict(os.environ, OMP_NUM_THREADS='1', ACCELERATE_USE_CPU='1', HF_HOME=str(tmp_path / 'hf'))
-    args = [f'--config={assets["config"]}', f'--nnet_path={assets["nnet"]}', '--config.sample.sample_steps=2']
+    args = [f'--config={assets["config"]}', f'--nnet_path={assets["nnet"]}', '--config.sample.sample_steps=2',
+            f'--config.dataset.fid_stat={assets["full_stats"]}']
     launchers = {1: [sys.executable],
                  2: [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
                      '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no',
@@ -106,19 +128,37 @@ def test_one_and_two_processes_write_identical_images(assets, tmp_path):
     results = {}
     for procs, launcher in launchers.items():
         out = tmp_path / f'p{procs}'
-        run = subprocess.run([*launcher, SCRIPT, *args, f'--output_dir={out}'], env=env, cwd=tmp_path,
-                             capture_output=True, text=True, timeout=300)
+        npz = ['--npz'] if procs == 2 else []
+        run = subprocess.run([*launcher, SCRIPT, *args, f'--output_dir={out}', *npz], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-5000:]
-        assert f'results in {out}/results.json' in run.stderr and 'FID' in run.stderr
+        assert f'results in {out}/results.json' in run.stderr and 'FID' in run.stderr and 'sFID' in run.stderr
         results[procs] = json.loads((out / 'results.json').read_text())
-        assert sorted(os.listdir(out)) == sorted([f'{i}.png' for i in range(N)] + ['run.json', 'results.json'])
+        extra = ['samples.npz'] if npz else []
+        assert sorted(os.listdir(out)) == sorted([f'{i}.png' for i in range(N)] + ['run.json', 'results.json', *extra])
     assert pngs(tmp_path / 'p1') == pngs(tmp_path / 'p2')
     for procs, r in results.items():
         assert math.isfinite(r['fid']) and r['fid'] > 0
         assert (r['num_processes'], r['n_samples'], r['images_written'], r['steps']) == (procs, N, N, 2)
         assert (r['sampler'], r['guidance'], r['device']) == ('dpm_solver', 0.4, 'cpu')
-        assert r['images_per_s'] > 0 and r['wall_time_s'] > 0
-    assert results[1]['fid'] == pytest.approx(results[2]['fid'], rel=1e-6)
+        assert r['images_per_s'] > 0 and r['wall_time_s'] > 0 and r['metrics_not_computed'] == {}
+        assert r['reference'] == assets['full_stats']
+    metrics = ('fid', 'sfid', 'inception_score', 'precision', 'recall')
+    # Features gathered by sample index and computed in the same batches: bitwise the same scores.
+    assert {k: results[1][k] for k in metrics} == {k: results[2][k] for k in metrics}
+
+    # The independent path: the PNGs read back from disk, the real Inception in other batches.
+    model = load_inception(assets['inception'], 'cpu')
+    images = torch.stack([torch.from_numpy(np.array(Image.open(tmp_path / 'p1' / f'{i}.png'))).permute(2, 0, 1)
+                          for i in range(N)])
+    features = {k: v.numpy() for k, v in model.activations(images.float() / 255).items()}
+    expected, _ = sample_metrics(features, load_reference(assets['full_stats']))
+    for k in metrics:
+        assert results[1][k] == pytest.approx(expected[k], rel=1e-5, abs=1e-9), k
+    with np.load(tmp_path / 'p2' / 'samples.npz') as f:               # ADM's sample batch layout
+        assert f.files == ['arr_0'] and f['arr_0'].dtype == np.uint8
+        np.testing.assert_array_equal(f['arr_0'], images.permute(0, 2, 3, 1).numpy())
+    assert results[2]['npz'] == str(tmp_path / 'p2' / 'samples.npz') and 'npz' not in results[1]
     with Image.open(tmp_path / 'p1' / '0.png') as img:
         assert img.size == (8, 8) and img.mode == 'RGB'
     run = json.loads((tmp_path / 'p1' / 'run.json').read_text())
@@ -132,18 +172,60 @@ def test_default_output_dir(assets):
     assert ev.default_output_dir(config, 'tiny_eval', assets['nnet']) == 'elsewhere'
 
 
-def test_restart_writes_only_missing_images(assets, tmp_path, fast_fid):
+def test_restart_writes_only_missing_images_and_scores_the_folder(assets, tmp_path, fast_fid):
     out = tmp_path / 'out'
-    run_in_process(assets, out)
+    config = tiny_config(assets)
+    config.dataset.fid_stat = assets['full_stats']
+    first = run_in_process(assets, out, config)
     before = pngs(out)
     mtimes = {name: os.stat(out / name).st_mtime_ns for name in before}
     os.remove(out / '4.png')                       # batch 1 = images 3, 4, 5
     (out / '.5.png.123.tmp').write_bytes(b'half')  # a write interrupted by a kill
-    results = run_in_process(assets, out)
+    (out / '.samples.npz.9.tmp').write_bytes(b'')  # an interrupted --npz export
+    results = run_in_process(assets, out, config)
     assert results['images_written'] == 1 and pngs(out) == before
-    assert not (out / '.5.png.123.tmp').exists()
+    assert not (out / '.5.png.123.tmp').exists() and not (out / '.samples.npz.9.tmp').exists()
     assert all(os.stat(out / name).st_mtime_ns == t for name, t in mtimes.items() if name != '4.png')
-    assert run_in_process(assets, out)['images_written'] == 0   # complete: FID only
+    metrics = ('fid', 'sfid', 'inception_score', 'precision', 'recall')
+    assert {k: results[k] for k in metrics} == {k: first[k] for k in metrics}
+
+    # What is scored is what the folder holds: an image on disk (3.png, in the re-sampled batch 1, and 0.png, in
+    # a complete batch) counts as written, not as it would be sampled again.
+    for name in ('0.png', '3.png'):
+        Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(out / name)
+    os.remove(out / '4.png')
+    results = run_in_process(assets, out, config)
+    assert results['images_written'] == 1
+    expected, _ = sample_metrics(folder_features(out, N), load_reference(assets['full_stats']))
+    assert {k: results[k] for k in metrics} == {k: expected[k] for k in metrics} != {k: first[k] for k in metrics}
+    assert run_in_process(assets, out, config)['images_written'] == 0   # complete: scores only
+
+
+def test_results_name_the_metrics_the_reference_cannot_give(assets, tmp_path, fast_fid, caplog):
+    caplog.set_level('INFO')
+    results = run_in_process(assets, tmp_path / 'out')             # mu/sigma only, as U-ViT's fid_stats files
+    assert math.isfinite(results['fid']) and results['inception_score'] >= 1
+    assert set(results['metrics_not_computed']) == {'sfid', 'precision', 'recall'}
+    assert all(assets['stats'] in why and 'fid_reference_stats.py' in why
+               for why in results['metrics_not_computed'].values())
+    assert 'sfid' not in results and 'precision' not in results
+    assert json.loads((tmp_path / 'out' / 'results.json').read_text()) == results
+    assert 'no sfid:' in caplog.text and 'no precision, recall:' in caplog.text and 'IS ' in caplog.text
+
+
+def test_a_failed_png_write_stops_the_run(assets, tmp_path, fast_fid, monkeypatch):
+    import libs.sample_files
+
+    def failing_write(array, path):
+        if path.endswith('/4.png'):
+            raise OSError('disk full')
+        real_write(array, path)
+
+    real_write = libs.sample_files.write_png
+    monkeypatch.setattr(libs.sample_files, 'write_png', failing_write)
+    with pytest.raises(RuntimeError, match='writing sample PNGs failed: disk full'):
+        run_in_process(assets, tmp_path / 'out')
+    assert not (tmp_path / 'out' / 'results.json').exists() and not (tmp_path / 'out' / '4.png').exists()
 
 
 def test_images_of_another_run_are_refused_unless_overwrite(assets, tmp_path, fast_fid):

@@ -16,9 +16,10 @@ from PIL import Image
 from pytorch_fid.fid_score import calculate_frechet_distance, get_activations
 
 import libs.fid
-from libs.fid import (FID_WEIGHTS_URL, activation_statistics, default_weights_path, fid_from_folder,
-                      fid_inception_v3, folder_activations, frechet_distance, image_files, load_inception,
-                      load_statistics, save_statistics, tensor_activations)
+from libs.adm_metrics import load_reference
+from libs.fid import (FID_WEIGHTS_URL, StreamingMoments, activation_statistics, default_weights_path,
+                      fid_from_folder, fid_inception_v3, folder_activations, frechet_distance, image_files,
+                      load_inception, load_statistics, save_statistics, tensor_activations)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "fid_reference_stats.py"
@@ -145,11 +146,51 @@ def test_activations_match_pytorch_fid(weights_path, model, image_data, folder_a
     tensors = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     in_memory = tensor_activations(tensors, model, batch_size=BATCH, progress=False)
     np.testing.assert_allclose(in_memory, folder_acts, rtol=1e-5, atol=1e-6)
+    captured = {}                                   # TF mixed_6/conv = Mixed_6d's 1x1 branch (see FIDInception)
+    mixed_6d = reference.blocks[2][6]
+    assert mixed_6d.branch1x1.conv.in_channels == 768 and mixed_6d.branch7x7_1.conv.out_channels == 160
+    hook = mixed_6d.branch1x1.register_forward_hook(lambda module, args, out: captured.update(out=out))
     with torch.no_grad():
         direct = reference(tensors[:BATCH])[0].flatten(1).numpy()
+    hook.remove()
     np.testing.assert_allclose(in_memory[:BATCH], direct, rtol=1e-4, atol=1e-5)
+
+    features = model.activations(tensors[:BATCH])
+    assert torch.equal(features["pool"], model(tensors[:BATCH]))
+    assert captured["out"].shape == (BATCH, 192, 17, 17)
+    expected_spatial = captured["out"][:, :7].permute(0, 2, 3, 1).reshape(BATCH, 2023)   # NHWC, as TF flattens
+    torch.testing.assert_close(features["spatial"], expected_spatial, rtol=1e-4, atol=1e-5)
+    assert features["spatial"].min() >= 0 and features["spatial"].std() > 1e-2          # post-ReLU
+    logits = torch.from_numpy(direct) @ state_dict["fc.weight"].T                      # no fc.bias, as ADM
+    torch.testing.assert_close(features["logits"], logits, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="float images"):
         tensor_activations(torch.from_numpy(images).permute(0, 3, 1, 2), model)
+
+
+def test_features_ignore_the_callers_autocast(model, image_data):
+    x = torch.from_numpy(image_data[0][:1]).permute(0, 3, 1, 2).float() / 255
+    plain = model.activations(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model.activations(x)
+    assert all(mixed[k].dtype == torch.float32 and torch.equal(mixed[k], v) for k, v in plain.items())
+
+
+def test_streaming_moments_equal_numpy_cov():
+    rng = np.random.default_rng(6)
+    rows = rng.normal(size=(257, 40)) * rng.uniform(0.1, 3, 40) + 1e4          # a large mean: no cancellation
+    moments = StreamingMoments()
+    for batch in np.split(rows, [1, 50, 51, 200]):                            # uneven batches, one of 1 row
+        moments.update(batch)
+    mu, sigma = moments.statistics()
+    np.testing.assert_allclose(mu, rows.mean(0), rtol=1e-14)
+    np.testing.assert_allclose(sigma, np.cov(rows, rowvar=False), rtol=1e-9, atol=1e-12)
+    assert np.array_equal(sigma, sigma.T)
+    one = StreamingMoments()
+    one.update(rows[:1])
+    with pytest.raises(ValueError, match="at least 2"):
+        one.statistics()
+    with pytest.raises(ValueError, match="non-empty"):
+        one.update(rows[:0])
 
 
 def test_image_files(image_data, tmp_path):
@@ -216,9 +257,12 @@ def test_fid_from_folder(tmp_path, weights_path, image_data, folder_acts, monkey
         fid_from_folder(folder, str(tmp_path / "missing.npz"), weights_path=str(tmp_path / "none.pth"))
 
 
-def test_stats_script_on_folder_and_npz(tmp_path, weights_path, image_data, folder_acts, caplog):
+def test_stats_script_on_folder_and_npz(tmp_path, weights_path, model, image_data, folder_acts, caplog):
     images, folder = image_data
     mu, sigma = activation_statistics(folder_acts)
+    tensors = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    spatial = np.concatenate([model.activations(b)["spatial"].numpy() for b in tensors.split(BATCH)])
+    mu_s, sigma_s = activation_statistics(spatial)
     main = runpy.run_path(str(SCRIPT))["main"]
     common = ["--weights", str(weights_path), "--batch-size", str(BATCH), "--device", "cpu"]
 
@@ -226,11 +270,20 @@ def test_stats_script_on_folder_and_npz(tmp_path, weights_path, image_data, fold
     main([str(folder), str(tmp_path / "folder.npz"), "--num-workers", "0", *common])
     assert str(tmp_path / "folder.npz") in caplog.text
     np.savez(tmp_path / "batch.npz", arr_0=images, arr_1=np.arange(N_IMAGES))  # ADM reference-batch layout
-    main([str(tmp_path / "batch.npz"), str(tmp_path / "uint8.npz"), *common])
+    main([str(tmp_path / "batch.npz"), str(tmp_path / "uint8.npz"), "--pr-subset", "4", "--seed", "3", *common])
     for name in ("folder.npz", "uint8.npz"):
-        mu2, sigma2 = load_statistics(str(tmp_path / name))
+        mu2, sigma2 = load_statistics(str(tmp_path / name))                   # a valid FID statistics file
         np.testing.assert_allclose(mu2, mu, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(sigma2, sigma, rtol=1e-4, atol=1e-7)
+        ref = load_reference(str(tmp_path / name))
+        np.testing.assert_allclose(ref.mu_s, mu_s, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(ref.sigma_s, sigma_s, rtol=1e-4, atol=1e-6)
+    subset = np.sort(np.random.default_rng(3).choice(N_IMAGES, 4, replace=False))
+    for name, rows in (("folder.npz", np.arange(N_IMAGES)), ("uint8.npz", subset)):
+        with np.load(tmp_path / name) as f:
+            assert f["n_images"] == N_IMAGES and f["pr_indices"].tolist() == rows.tolist()
+            assert f["pr_features"].dtype == np.float32
+            np.testing.assert_allclose(f["pr_features"], folder_acts[rows], rtol=1e-5, atol=1e-6)
 
     np.savez(tmp_path / "float.npz", images=images.transpose(0, 3, 1, 2).astype(np.float32) / 255)
     with pytest.raises(KeyError, match="arr_0.*images"):
@@ -238,10 +291,12 @@ def test_stats_script_on_folder_and_npz(tmp_path, weights_path, image_data, fold
     np.savez(tmp_path / "signed.npz", arr_0=images.astype(np.float32) / 127.5 - 1)
     with pytest.raises(ValueError, match=r"\[0,1\]"):
         main([str(tmp_path / "signed.npz"), str(tmp_path / "x.npz"), *common])
+    with pytest.raises(ValueError, match="pr-subset"):
+        main([str(tmp_path / "batch.npz"), str(tmp_path / "x.npz"), "--pr-subset", "0", *common])
 
     out = tmp_path / "float_stats.npz"
     run = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "float.npz"), str(out), "--key", "images",
-                          *common], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          *common], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert str(out) in run.stderr
     mu2, sigma2 = load_statistics(str(out))
