@@ -1,0 +1,456 @@
+"""Selective scan in Triton (forward and backward), mamba_ssm `selective_scan_fn` semantics, no kernel build.
+
+    dt_t = softplus(delta_t + delta_bias) (or without softplus / bias)
+    h_t  = exp(dt_t A) h_{t-1} + dt_t u_t B_t        h_{-1} = 0, state (Di, N) per sample, fp32
+    out_t = (C_t . h_t + D u_t) * silu(z_t)          in u's dtype; last state h_{L-1} (batch, Di, N) fp32
+
+Kernels (libs/scan/triton_kernels.py): one program per (block of channels, sample, segment of L) keeps its
+[BLOCK_D, N] fp32 state in registers and walks L step by step. The forward saves only the state entering each
+CHUNK-step chunk ((batch, L/CHUNK, Di, N) fp32). The backward re-runs the forward from those states, in parallel
+over the chunks, to get the states every BWD_CHUNK steps (a transient buffer, skipped when BWD_CHUNK == CHUNK);
+then it walks L backwards BWD_CHUNK steps at a time: it recomputes the BWD_CHUNK states from their entry state
+(held unrolled in registers) and runs the adjoint recurrence lambda_t = C_t g_t + exp(dt_{t+1} A) lambda_{t+1}
+over them. Nothing of size (batch, Di, L, N) exists. When batch x channel blocks cannot fill the GPU, L is cut
+into segments of whole chunks run in parallel: a first pass gives each segment's local end state (forward) or
+start adjoint (backward) and its dt sum, a small carry pass chains the segments (a segment's total decay is
+exp(A sum dt)), and the main pass starts from the carry. dB and dC (sums over channels) are written as
+per-channel-block partials and summed afterwards, dA, dD and dbias as per-(sample, segment) partials: no
+atomics, results are deterministic.
+
+Registered as torch.library ops `dim::triton_scan_fwd` / `dim::triton_scan_bwd` (`triton_op`): fake impls share
+the real allocation code, autograd is registered on the forward op. Under the interpreter the ops stay opaque to
+torch.compile (an interpreted kernel cannot be traced); with compiled kernels Inductor sees the kernels.
+
+Device: CUDA tensors (NVIDIA, and ROCm builds of torch, whose HIP GPUs are 'cuda' devices); CPU tensors only with
+Triton's interpreter (TRITON_INTERPRET=1, read at each call: kernels are compiled or interpreted per call).
+
+Tuning knobs (module constants, read at each call; `launch_config` reports what a shape gets). The defaults
+come from ahead-of-time sm_90 compiles with triton 3.6 and 3.8 on a CPU (ptxas registers and spills, no
+shared-memory round trip in the forward's step loop: with one warp per forward program the reduction over N
+stays inside the warp whatever layout Triton picks), not from timings: no GPU has run these kernels yet.
+  CHUNK           steps per saved state: saved memory batch*Di*N*L/CHUNK*4 bytes per call
+  BWD_CHUNK       steps per backward block, unrolled: registers ~ (BWD_CHUNK + 1) state tiles; divides CHUNK
+  STEP_UNROLL     unroll factor of the other step loops (forward, segment passes)
+  FWD_BLOCK_D, BWD_BLOCK_D, FWD_NUM_WARPS, BWD_NUM_WARPS   channels and warps per program
+  MAX_STATE_TILE  BLOCK_D is halved until BLOCK_D x N_PAD <= this (large d_state)
+  PROGRAMS_PER_SM split L while batch x channel blocks x segments < PROGRAMS_PER_SM x SMs ...
+  MIN_CHUNKS_PER_SEGMENT  ... keeping at least this many chunks per segment
+"""
+import importlib.util
+import os
+import sys
+import threading
+from typing import Optional
+
+import torch
+
+__all__ = ['is_available', 'unavailable_reason', 'selective_scan', 'scan', 'launch_config', 'interpreting',
+           'CHUNK', 'BWD_CHUNK', 'STEP_UNROLL', 'FWD_BLOCK_D', 'BWD_BLOCK_D', 'FWD_NUM_WARPS', 'BWD_NUM_WARPS',
+           'MAX_STATE_TILE', 'PROGRAMS_PER_SM', 'MIN_CHUNKS_PER_SEGMENT']
+
+CHUNK = 128
+BWD_CHUNK = 16
+STEP_UNROLL = 1
+FWD_BLOCK_D = 8
+FWD_NUM_WARPS = 1
+BWD_BLOCK_D = 16
+BWD_NUM_WARPS = 4
+MAX_STATE_TILE = 1024
+PROGRAMS_PER_SM = 16
+MIN_CHUNKS_PER_SEGMENT = 4
+MAX_BWD_CHUNK = 64
+
+_IO_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+try:
+    import triton
+    from torch.library import triton_op, wrap_triton
+    _import_error = None
+except Exception as e:  # no triton (CPU-only torch wheels), or a torch without triton_op (< 2.6)
+    triton = None
+    _import_error = f"{type(e).__name__}: {e}"
+
+
+def is_available() -> bool:
+    """True when triton and torch.library.triton_op are importable. Never raises."""
+    return triton is not None
+
+
+def unavailable_reason() -> Optional[str]:
+    return None if is_available() else f"the Triton scan needs triton and torch >= 2.6 ({_import_error})"
+
+
+def interpreting() -> bool:
+    """Whether Triton's interpreter is on (TRITON_INTERPRET, or triton.knobs.runtime.interpret) right now."""
+    knobs = getattr(triton, 'knobs', None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get('TRITON_INTERPRET', '0') == '1'   # triton < 3.4 reads the variable this way
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels: @triton.jit picks compiled vs interpreted when the kernel is *defined*, so triton_kernels.py is loaded
+# once per mode as its own module, with the mode forced while it is defined.
+
+_kernel_modules = {}
+_kernel_lock = threading.Lock()
+
+
+def _kernels(interpret):
+    mod = _kernel_modules.get(interpret)
+    if mod is not None:
+        return mod
+    with _kernel_lock:
+        if interpret not in _kernel_modules:
+            from triton.runtime.jit import JITFunction
+            if not interpret and not isinstance(triton.language.standard._sum_combine, JITFunction):
+                raise RuntimeError("triton was imported with TRITON_INTERPRET=1, so its own library is "
+                                   "interpreted and compiled kernels cannot use it: unset it before starting")
+            name = f"{__package__}._triton_kernels_{'interpreted' if interpret else 'compiled'}"
+            path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'triton_kernels.py')
+            spec = importlib.util.spec_from_file_location(name, path)
+            mod = importlib.util.module_from_spec(spec)
+            knobs = getattr(triton, 'knobs', None)
+            if knobs is not None:   # triton >= 3.4; scope() restores the knob and the environment variable
+                with knobs.runtime.scope():
+                    knobs.runtime.interpret = interpret
+                    spec.loader.exec_module(mod)
+            else:                   # older triton reads TRITON_INTERPRET in @triton.jit
+                saved = os.environ.get('TRITON_INTERPRET')
+                os.environ['TRITON_INTERPRET'] = '1' if interpret else '0'
+                try:
+                    spec.loader.exec_module(mod)
+                finally:
+                    if saved is None:
+                        del os.environ['TRITON_INTERPRET']
+                    else:
+                        os.environ['TRITON_INTERPRET'] = saved
+            sys.modules[name] = mod
+            _kernel_modules[interpret] = mod
+    return _kernel_modules[interpret]
+
+
+def _check_device(device):
+    if device.type == 'cuda':
+        return
+    if device.type == 'cpu':
+        if interpreting():
+            return
+        raise RuntimeError("the Triton scan runs on CPU tensors only under Triton's interpreter: set "
+                           "TRITON_INTERPRET=1 (slow, meant for tests), or pick the C kernel / PyTorch scan with "
+                           "DIM_SCAN_BACKEND=cpu or DIM_SCAN_BACKEND=torch")
+    raise RuntimeError(f"the Triton scan runs on CUDA (or ROCm) tensors, got device {device}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launch configuration
+
+def _pow2(x):
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _sm_count(device):
+    device = torch.device(device)
+    if device.type != 'cuda' or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _pass_config(batch, d_inner, L, d_state, chunk, block_d, num_warps, segments, sm_count):
+    n_chunks = -(-L // chunk)
+    n_pad = max(2, _pow2(d_state))
+    block_d = max(2, min(_pow2(block_d), _pow2(d_inner)))
+    while block_d > 2 and block_d * n_pad > MAX_STATE_TILE:
+        block_d //= 2
+    n_dblocks = -(-d_inner // block_d)
+    if segments is None:
+        segments = 1
+        if sm_count is not None and batch * n_dblocks < PROGRAMS_PER_SM * sm_count:
+            segments = -(-PROGRAMS_PER_SM * sm_count // (batch * n_dblocks))
+            segments = max(1, min(segments, n_chunks // MIN_CHUNKS_PER_SEGMENT))
+    chunks_per_segment = -(-n_chunks // max(1, min(int(segments), n_chunks)))
+    segments = -(-n_chunks // chunks_per_segment)
+    return dict(chunk=chunk, n_chunks=n_chunks, block_d=block_d, n_pad=n_pad, num_warps=num_warps,
+                n_dblocks=n_dblocks, segments=segments, chunks_per_segment=chunks_per_segment,
+                programs=n_dblocks * batch * segments)
+
+
+def _chunks(chunk, bwd_chunk):
+    """(chunk, bwd_chunk) with the knobs' defaults; bwd_chunk defaults to the largest divisor of chunk that is
+    <= BWD_CHUNK."""
+    chunk = int(chunk or CHUNK)
+    if not bwd_chunk:
+        bwd_chunk = max(c for c in range(1, min(BWD_CHUNK, chunk) + 1) if chunk % c == 0)
+    bwd_chunk = int(bwd_chunk)
+    if chunk < 1 or not 1 <= bwd_chunk <= MAX_BWD_CHUNK or chunk % bwd_chunk:
+        raise ValueError(f"need chunk >= 1 and 1 <= bwd_chunk <= {MAX_BWD_CHUNK} dividing it, "
+                         f"got chunk={chunk}, bwd_chunk={bwd_chunk}")
+    return chunk, bwd_chunk
+
+
+def launch_config(batch, d_inner, L, d_state, device='cuda', chunk=None, bwd_chunk=None, segments=None,
+                  block_d=None):
+    """The launch configuration `selective_scan` uses for this shape on `device`.
+
+    Returns dict(sm_count, refine (whether the backward re-runs the forward for finer states), fwd={...},
+    bwd={...}); each pass: chunk, n_chunks, block_d, n_pad, num_warps, n_dblocks, segments, chunks_per_segment,
+    programs. The arguments override the knobs (segments=None: split L only when batch x channel blocks <
+    PROGRAMS_PER_SM x SMs; never on CPU).
+    """
+    chunk, bwd_chunk = _chunks(chunk, bwd_chunk)
+    if segments is not None and int(segments) < 1:
+        raise ValueError(f"segments must be >= 1, got {segments}")
+    sm = _sm_count(device)
+    fwd = _pass_config(batch, d_inner, L, d_state, chunk, block_d or FWD_BLOCK_D, FWD_NUM_WARPS, segments, sm)
+    bwd = _pass_config(batch, d_inner, L, d_state, bwd_chunk, block_d or BWD_BLOCK_D, BWD_NUM_WARPS, segments, sm)
+    return dict(sm_count=sm, refine=bwd_chunk != chunk, fwd=fwd, bwd=bwd)
+
+
+def _strides(t, dims=3):
+    return tuple(t.stride()) if t is not None else (0,) * dims
+
+
+def _or(t, default):
+    return t if t is not None else default
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward / backward implementations (shared by the real ops and their fake impls: launch=False allocates only)
+
+def _run_forward(k, cfg, u, delta, A, B, C, D, z, delta_bias, delta_softplus, out, last, states, carry,
+                 write_out):
+    """One launch of the forward kernel: from `carry` (or zero when None), chunks of cfg['chunk'] steps."""
+    batch, Di, L = u.shape
+    wrap_triton(k.scan_fwd_kernel)[(cfg['n_dblocks'], batch, cfg['segments'])](
+        u, delta, A, B, C, _or(D, u), _or(z, u), _or(delta_bias, u), out, last, states, _or(carry, u),
+        L, Di, A.shape[1], cfg['chunk'], cfg['chunks_per_segment'],
+        *u.stride(), *delta.stride(), *_strides(z), *B.stride(), *C.stride(), *out.stride(), *A.stride(),
+        HAS_CARRY=carry is not None, SAVE_STATES=states.numel() > 0, WRITE_OUT=write_out, HAS_D=D is not None,
+        HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, BLOCK_D=cfg['block_d'],
+        N_PAD=cfg['n_pad'], UNROLL=STEP_UNROLL, num_warps=cfg['num_warps'])
+
+
+def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, bwd_chunk, segments, block_d, save_states,
+             launch):
+    batch, Di, L = u.shape
+    N = A.shape[1]
+    out = torch.empty_like(u)
+    last = u.new_empty((batch, Di, N), dtype=torch.float32)
+    states = u.new_empty((batch, (L + chunk - 1) // chunk if save_states else 0, Di, N), dtype=torch.float32)
+    if not launch:
+        return out, last, states
+    k = _kernels(interpreting())
+    cfg = launch_config(batch, Di, L, N, u.device, chunk, bwd_chunk, segments or None, block_d or None)['fwd']
+    n_seg, bd, nd = cfg['segments'], cfg['block_d'], cfg['n_dblocks']
+    carry = None
+    if n_seg > 1:
+        ends = u.new_empty((batch, n_seg, Di, N), dtype=torch.float32)
+        dtsum = u.new_empty((batch, n_seg, Di), dtype=torch.float32)
+        carry = torch.empty_like(ends)
+        wrap_triton(k.scan_fwd_segment_kernel)[(nd, batch, n_seg)](
+            u, delta, A, B, _or(delta_bias, u), ends, dtsum, L, Di, N, chunk, cfg['chunks_per_segment'],
+            *u.stride(), *delta.stride(), *B.stride(), *A.stride(), HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=delta_softplus, BLOCK_D=bd, N_PAD=cfg['n_pad'], UNROLL=STEP_UNROLL, num_warps=cfg['num_warps'])
+        wrap_triton(k.segment_carry_kernel)[(nd, batch)](
+            ends, dtsum, A, ends, carry, n_seg, Di, N, *A.stride(), 0, 0, 0,
+            HAS_INIT=False, REVERSE=False, BLOCK_D=bd, N_PAD=cfg['n_pad'], num_warps=cfg['num_warps'])
+    _run_forward(k, cfg, u, delta, A, B, C, D, z, delta_bias, delta_softplus, out, last, states, carry, True)
+    return out, last, states
+
+
+def _backward(gout, glast, u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, chunk, bwd_chunk, segments,
+              block_d, launch):
+    batch, Di, L = u.shape
+    N = A.shape[1]
+    du = torch.empty_like(u)
+    ddelta = torch.empty_like(delta)
+    dz = torch.empty_like(z) if z is not None else u.new_empty(0)
+    if not launch:
+        return (du, ddelta, torch.empty_like(A, memory_format=torch.contiguous_format),
+                B.new_empty((batch, N, L)), C.new_empty((batch, N, L)),
+                D.new_empty(D.shape) if D is not None else u.new_empty(0), dz,
+                delta_bias.new_empty(delta_bias.shape) if delta_bias is not None else u.new_empty(0))
+    if states.shape[1] != (L + chunk - 1) // chunk:
+        raise RuntimeError("dim::triton_scan_bwd needs the states saved by the forward (save_states=True)")
+    k = _kernels(interpreting())
+    plan = launch_config(batch, Di, L, N, u.device, chunk, bwd_chunk, segments or None, block_d or None)
+    cfg = plan['bwd']
+    n_seg, bd, nd = cfg['segments'], cfg['block_d'], cfg['n_dblocks']
+    f32 = dict(dtype=torch.float32)
+    if plan['refine']:   # states every bwd_chunk steps, from the saved ones, in parallel over the saved chunks
+        fine = u.new_empty((batch, cfg['n_chunks'], Di, N), **f32)
+        refine = dict(plan['fwd'], chunk=bwd_chunk, chunks_per_segment=chunk // bwd_chunk,
+                      segments=states.shape[1])
+        _run_forward(k, refine, u, delta, A, B, C, None, None, delta_bias, delta_softplus, u, u, fine, states,
+                     False)
+        states = fine
+    dB_part = u.new_empty((batch, nd, N, L), **f32)
+    dC_part = u.new_empty((batch, nd, N, L), **f32)
+    dA_part = u.new_empty((batch, n_seg, Di, N), **f32)
+    dD_part = u.new_empty((batch, n_seg, Di), **f32)
+    dbias_part = u.new_empty((batch, n_seg, Di), **f32)
+    common = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+                  BLOCK_D=bd, N_PAD=cfg['n_pad'], num_warps=cfg['num_warps'])
+    grid = (nd, batch, n_seg)
+    init, init_strides, init_mode = u, (0, 0, 0), 0
+    if glast is not None:
+        init, init_strides, init_mode = glast, tuple(glast.stride()), 1
+    if n_seg > 1:
+        nus = u.new_empty((batch, n_seg, Di, N), **f32)
+        dtsum = u.new_empty((batch, n_seg, Di), **f32)
+        carry = torch.empty_like(nus)
+        wrap_triton(k.scan_bwd_segment_kernel)[grid](
+            gout, delta, A, C, _or(z, u), _or(delta_bias, u), nus, dtsum, L, Di, N, bwd_chunk,
+            cfg['chunks_per_segment'], *gout.stride(), *delta.stride(), *_strides(z), *C.stride(), *A.stride(),
+            UNROLL=STEP_UNROLL, **common)
+        wrap_triton(k.segment_carry_kernel)[(nd, batch)](
+            nus, dtsum, A, init, carry, n_seg, Di, N, *A.stride(), *init_strides,
+            HAS_INIT=init_mode == 1, REVERSE=True, BLOCK_D=bd, N_PAD=cfg['n_pad'], num_warps=cfg['num_warps'])
+        init, init_strides, init_mode = carry, (0, 0, 0), 2
+    wrap_triton(k.scan_bwd_kernel)[grid](
+        gout, u, delta, A, B, C, _or(D, u), _or(z, u), _or(delta_bias, u), states, init,
+        du, ddelta, dz if z is not None else u, dB_part, dC_part, dA_part, dD_part, dbias_part,
+        L, Di, N, cfg['chunks_per_segment'],
+        *gout.stride(), *u.stride(), *delta.stride(), *_strides(z), *B.stride(), *C.stride(), *A.stride(),
+        *init_strides, *du.stride(), *ddelta.stride(), *_strides(dz if z is not None else None),
+        INIT=init_mode, HAS_D=D is not None, T=bwd_chunk, **common)
+    dA = dA_part.sum((0, 1)).to(A.dtype)
+    dD = dD_part.sum((0, 1)).to(D.dtype) if D is not None else u.new_empty(0)
+    dbias = dbias_part.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else u.new_empty(0)
+    return du, ddelta, dA, dB_part.sum(1).to(B.dtype), dC_part.sum(1).to(C.dtype), dD, dz, dbias
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.library ops
+
+def _decomposition_disabled():
+    try:
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+    except ImportError:
+        return False
+    return custom_triton_ops_decomposition_disabled()
+
+
+def _functional_rule(impl):
+    """FunctionalTensorMode rule replacing triton_op's: decompose into the kernel launches (Inductor then sees the
+    kernels) only when they are compiled; an interpreted kernel cannot be traced, so the op stays opaque."""
+    def rule(mode, op, types, args, kwargs):
+        if interpreting() or _decomposition_disabled():
+            return mode.__torch_dispatch__(op, types, args, kwargs)
+        with mode:
+            return impl(*args, **kwargs)
+    return rule
+
+
+if triton is not None:
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    @triton_op("dim::triton_scan_fwd", mutates_args=())
+    def _fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+                delta_softplus: bool, chunk: int, bwd_chunk: int, segments: int, block_d: int,
+                save_states: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> out (u's shape, dtype, layout), last state (batch, Di, N) fp32, states (batch, n_chunks or 0, Di, N).
+        segments, block_d: 0 = the heuristic."""
+        _check_device(u.device)
+        return _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, bwd_chunk, segments, block_d,
+                        save_states, launch=True)
+
+    @triton_op("dim::triton_scan_bwd", mutates_args=())
+    def _bwd_op(gout: torch.Tensor, glast: Optional[torch.Tensor], u: torch.Tensor, delta: torch.Tensor,
+                A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: Optional[torch.Tensor],
+                z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], states: torch.Tensor,
+                delta_softplus: bool, chunk: int, bwd_chunk: int, segments: int, block_d: int) -> tuple[
+                    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                    torch.Tensor, torch.Tensor]:
+        """-> du, ddelta, dA, dB, dC, dD, dz, ddelta_bias (each in its input's dtype; absent inputs: empty)."""
+        _check_device(u.device)
+        return _backward(gout, glast, u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, chunk, bwd_chunk,
+                         segments, block_d, launch=True)
+
+    @_fwd_op.register_fake
+    def _(*args):
+        return _forward(*args, launch=False)
+
+    @_bwd_op.register_fake
+    def _(*args):
+        return _backward(*args, launch=False)
+
+    _fwd_op.register_torch_dispatch(FunctionalTensorMode, _functional_rule(lambda *a: _forward(*a, launch=True)))
+    _bwd_op.register_torch_dispatch(FunctionalTensorMode, _functional_rule(lambda *a: _backward(*a, launch=True)))
+
+    def _setup_context(ctx, inputs, output):
+        u, delta, A, B, C, D, z, delta_bias = inputs[:8]
+        ctx.mark_non_differentiable(output[2])
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
+        ctx.config = inputs[8:13]          # delta_softplus, chunk, bwd_chunk, segments, block_d
+        ctx.save_states = inputs[13]
+
+    def _backward_formula(ctx, gout, glast, _gstates):
+        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+        if not ctx.save_states:
+            raise RuntimeError("dim::triton_scan_fwd was called with save_states=False: no backward")
+        du, ddelta, dA, dB, dC, dD, dz, dbias = _bwd_op(gout, glast, u, delta, A, B, C, D, z, delta_bias, states,
+                                                        *ctx.config)
+        return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
+                dbias if delta_bias is not None else None) + (None,) * 6
+
+    _fwd_op.register_autograd(_backward_formula, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public entry points
+
+def _validate(u, delta, A, B, C, D, z, delta_bias):
+    if not is_available():
+        raise RuntimeError(unavailable_reason())
+    if u.dim() != 3:
+        raise ValueError(f"u must be (batch, Di, L), got shape {tuple(u.shape)}")
+    batch, Di, L = u.shape
+    if A.dim() != 2 or A.shape[0] != Di or A.is_complex() or not A.is_floating_point():
+        raise ValueError(f"A must be a real (Di, N) = ({Di}, N) tensor, got {tuple(A.shape)} {A.dtype}")
+    N = A.shape[1]
+    if min(batch, Di, L, N) < 1 or N > 256:
+        raise ValueError(f"the Triton scan needs batch, Di, L >= 1 and 1 <= N <= 256, got {(batch, Di, L, N)}")
+    named = dict(u=(u, (batch, Di, L)), delta=(delta, (batch, Di, L)), z=(z, (batch, Di, L)),
+                 B=(B, (batch, N, L)), C=(C, (batch, N, L)), D=(D, (Di,)), delta_bias=(delta_bias, (Di,)))
+    for name, (t, shape) in named.items():
+        if t is None:
+            continue
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        if name in ('u', 'delta', 'z', 'B', 'C') and t.dtype not in _IO_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    for name, t in dict(delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias).items():
+        if t is not None and t.device != u.device:
+            raise ValueError(f"{name} is on {t.device}, u on {u.device}: all scan inputs must share a device")
+
+
+def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False, *,
+         chunk=None, bwd_chunk=None, segments=None, block_d=None):
+    """`selective_scan` with the launch configuration overridable (tests, tuning): `chunk` steps per saved state,
+    `bwd_chunk` steps per backward block (divides chunk), `segments` pieces of L run in parallel (None: the
+    heuristic), `block_d` channels per program (None: FWD_BLOCK_D / BWD_BLOCK_D)."""
+    _validate(u, delta, A, B, C, D, z, delta_bias)
+    chunk, bwd_chunk = _chunks(chunk, bwd_chunk)
+    if (segments is not None and segments < 1) or (block_d is not None and block_d < 1):
+        raise ValueError(f"segments and block_d must be >= 1, got {segments}, {block_d}")
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
+    out, last, _ = torch.ops.dim.triton_scan_fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), chunk,
+                                                 bwd_chunk, int(segments or 0), int(block_d or 0), save)
+    return (out, last) if return_last_state else out
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False):
+    """out = (scan(u) + D*u) * silu(z), as mamba_ssm's `selective_scan_fn`.
+
+    u, delta, z: (batch, Di, L) fp32/bf16/fp16, any strides; A: (Di, N) real; B, C: (batch, N, L) any strides;
+    D, delta_bias: (Di,). Returns out (batch, Di, L) in u's dtype (u's layout where it is dense), and the last
+    state (batch, Di, N) fp32 if asked. State and accumulation in fp32; gradients in the inputs' dtypes.
+    CUDA tensors; CPU tensors only with TRITON_INTERPRET=1.
+    """
+    return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
