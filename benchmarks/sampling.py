@@ -3,7 +3,8 @@
     python benchmarks/sampling.py [--configs digits_DiM_tiny cifar10_S_DiM] [--out benchmarks/results]
 
 For each config: a randomly initialised network of the config's size, the config's DPM-Solver with guidance
-(one batched cond + uncond call per step), eager vs `torch.compile`, fp32 vs bf16 autocast. Writes sampling.json.
+(one batched cond + uncond call per step), eager vs compiled through libs/compile.py (`compile_network`, the helper
+train and eval use; `--compile MODE`), fp32 vs bf16 autocast. Writes sampling.json.
 """
 import argparse
 import json
@@ -17,6 +18,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import sde                                      # noqa: E402
 from libs import get_nnet                       # noqa: E402
+from libs.compile import COMPILE_MODES, compile_network  # noqa: E402
 from libs.config_loader import load_config      # noqa: E402
 from libs.scan import scan_backend    # noqa: E402
 
@@ -30,7 +32,7 @@ def run(nnet, z, y, steps, guidance, K, autocast):
     return sde.sample(eps_fn, z, algorithm='dpm_solver', steps=steps, y=y, guidance=guidance, null_class=K)
 
 
-def bench(name, batch, steps, variants, repeats):
+def bench(name, batch, steps, variants, repeats, mode):
     config = load_config(os.path.join(CONFIGS, f'{name}.py'))
     kwargs = config.nnet.to_dict()
     kwargs.pop('pretrained_path', None)
@@ -42,7 +44,8 @@ def bench(name, batch, steps, variants, repeats):
     guidance = float(config.sample.get('scale', 0.4)) or 0.4
     rows = []
     for compiled, autocast in variants:
-        net = torch.compile(nnet, dynamic=False) if compiled else nnet
+        torch._dynamo.reset()
+        net = compile_network(nnet, mode) if compiled else nnet
         start = time.perf_counter()
         with torch.no_grad():
             run(net, z, y, 1, guidance, K, autocast)             # warm-up (and compilation)
@@ -54,9 +57,10 @@ def bench(name, batch, steps, variants, repeats):
                 run(net, z, y, steps, guidance, K, autocast)
             times.append(time.perf_counter() - start)
         best = min(times)
-        rows.append(dict(config=name, compiled=compiled, bf16_autocast=autocast, batch=batch, steps=steps,
+        compile_mode = mode if compiled else 'none'
+        rows.append(dict(config=name, compiled=compile_mode, bf16_autocast=autocast, batch=batch, steps=steps,
                          network_calls=steps, images_per_sec=batch / best, seconds=best, warmup_s=warm))
-        print(f"{name:16s} compile={str(compiled):5s} bf16={str(autocast):5s} batch {batch} x {steps} steps: "
+        print(f"{name:16s} compile={compile_mode:8s} bf16={str(autocast):5s} batch {batch} x {steps} steps: "
               f"{batch / best:8.2f} images/s (warm-up {warm:.1f} s)", flush=True)
     return rows
 
@@ -66,16 +70,17 @@ def main(argv=None):
     parser.add_argument('--configs', nargs='+', default=['digits_DiM_tiny', 'cifar10_S_DiM'])
     parser.add_argument('--batch', type=int, nargs='+', default=[100, 4], help='one per config')
     parser.add_argument('--steps', type=int, nargs='+', default=[25, 10], help='one per config')
-    parser.add_argument('--no-compile', action='store_true')
+    parser.add_argument('--compile', default='default', choices=COMPILE_MODES,
+                        help="compile mode of the compiled variants ('none': eager only)")
     parser.add_argument('--repeats', type=int, default=2)
     parser.add_argument('--threads', type=int, default=torch.get_num_threads())
     parser.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results'))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    variants = [(False, False), (False, True)] + ([] if args.no_compile else [(True, False), (True, True)])
+    variants = [(False, False), (False, True)] + ([] if args.compile == 'none' else [(True, False), (True, True)])
     rows = []
     for name, batch, steps in zip(args.configs, args.batch, args.steps):
-        rows += bench(name, batch, steps, variants, args.repeats)
+        rows += bench(name, batch, steps, variants, args.repeats, args.compile)
     result = {'device': platform.processor() or platform.machine(), 'threads': args.threads,
               'torch': torch.__version__, 'scan_backend': scan_backend('cpu'), 'rows': rows}
     os.makedirs(args.out, exist_ok=True)

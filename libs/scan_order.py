@@ -6,6 +6,7 @@ G holds the h x w image tokens row-major, each row followed by P pad tokens, the
 Only G is re-ordered between layers; the extras and separators keep their positions.
 """
 import functools
+import operator
 
 import torch
 
@@ -114,7 +115,20 @@ def _cpu_layout(h, w, pad_len, n_extra, pad_layout, patterns):
 
 
 @functools.lru_cache(maxsize=64)
-def sequence_layout(h, w, pad_len, n_extra, pad_layout, patterns, device='cpu'):
-    """Cached `SequenceLayout` for grid (h, w) on `device` (a string, e.g. 'cuda:0')."""
+def _device_layout(h, w, pad_len, n_extra, pad_layout, patterns, device):
     layout = _cpu_layout(h, w, pad_len, n_extra, pad_layout, patterns)
     return layout if device == 'cpu' else layout.to(device)
+
+
+@torch.compiler.assume_constant_result
+def _cached_layout(h, w, pad_len, n_extra, pad_layout, patterns, device):
+    return _device_layout(h, w, pad_len, n_extra, pad_layout, patterns, device)
+
+
+def sequence_layout(h, w, pad_len, n_extra, pad_layout, patterns, device='cpu'):
+    """Cached `SequenceLayout` for grid (h, w) on `device` (a string, e.g. 'cuda:0').
+
+    Under torch.compile the lookup runs eagerly while tracing (the grid is specialised: h, w become ints) and the
+    index tensors enter the graph as inputs: the Python that builds them never runs in, or breaks, a compiled forward.
+    """
+    return _cached_layout(operator.index(h), operator.index(w), pad_len, n_extra, pad_layout, patterns, device)

@@ -62,3 +62,24 @@ def test_long_sequence_matches_sequential_scan():
 
 def test_chunk_length_stays_in_range():
     assert [chunk_length(L) for L in (1, 64, 366, 9806)] == [8, 8, 20, 64]
+
+
+def test_autocast_does_not_lower_the_scan_precision():
+    """vecdot / einsum inside the scan would run in bf16 under CPU autocast: the scan turns autocast off."""
+    delta, u, A, B, C = _core_inputs(2, 6, 4, 50, torch.float32)
+    y32, _ = scan_core(delta, u, A, B, C)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y, _ = scan_core(delta, u, A, B, C)
+        g = torch.autograd.grad(y.sum(), [delta, B])
+    g32 = torch.autograd.grad(y32.sum(), [delta, B])
+    assert y.dtype == torch.float32 and max_rel_err(y.double(), y32.double()) < 1e-6
+    for a, b in zip(g, g32):
+        assert max_rel_err(a.double(), b.double()) < 1e-6
+
+
+def test_dynamo_traces_the_autograd_function_without_graph_breaks():
+    delta, u, A, B, C = _core_inputs(1, 3, 2, 20, torch.float32)
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(lambda: scan_core(delta, u, A, B, C, chunk=8))()
+    torch._dynamo.reset()
+    assert explain.graph_break_count == 0 and explain.graph_count == 1

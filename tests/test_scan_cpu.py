@@ -254,3 +254,53 @@ def test_is_available_never_raises_without_library():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, '-c', code], env=env, cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and 'ok' in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize('shape', [(2, 20, 7, 16), (1, 33, 70, 5), (1, 16, 1, 40)])
+def test_torch_library_ops_pass_opcheck(shape):
+    """Schema, fake implementation (shapes and strides of the real outputs), autograd registration, AOT dispatch."""
+    inputs = [t.requires_grad_() for t in make_inputs(*shape, 'normal')]
+    for save_states in (True, False):          # a forward that saved no states recomputes them for backward
+        result = torch.library.opcheck(scan_cpu.cpu_scan_fwd, (*inputs, 7, save_states))
+        assert set(result.values()) == {'SUCCESS'}, result
+    plain = [t.detach() for t in inputs]
+    y, last, h0s = scan_cpu.cpu_scan_fwd(*plain, 7, True)
+    g = torch.Generator().manual_seed(3)
+    gy, glast = torch.randn(y.shape, generator=g), torch.randn(last.shape, generator=g)
+    for grads in ((gy, glast), (gy, None), (None, glast)):
+        result = torch.library.opcheck(scan_cpu.cpu_scan_bwd, (*plain, h0s, *grads, 7))
+        assert set(result.values()) == {'SUCCESS'}, result
+
+
+@pytest.mark.parametrize('shape', [(1, 1, 1, 1), (2, 17, 65, 16), (3, 40, 1000, 33), (1, 16, 64, 16)])
+@pytest.mark.parametrize('segment', [1, 7, 64])
+def test_saved_state_size_formula_matches_the_kernel(shape, segment):
+    assert scan_cpu.h0s_numel(*shape, segment) == scan_cpu._load().dim_scan_h0s_numel(*shape, segment)
+
+
+def test_fake_outputs_are_the_real_ones_under_a_transposed_input():
+    """Non-contiguous inputs: the op copies them to contiguous; outputs are fresh contiguous tensors either way."""
+    delta, u, A, B, C = make_inputs(2, 24, 50, 16, 'normal', seed=11)
+    nc = [t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (delta, u, A, B, C)]
+    result = torch.library.opcheck(scan_cpu.cpu_scan_fwd, (*nc, 64, True))
+    assert set(result.values()) == {'SUCCESS'}, result
+    y, last, h0s = scan_cpu.cpu_scan_fwd(*nc, 64, True)
+    assert y.is_contiguous() and last.is_contiguous() and h0s.numel() == scan_cpu.h0s_numel(2, 24, 50, 16, 64)
+
+
+def test_compiles_without_graph_break_and_matches_eager():
+    inputs = make_inputs(2, 20, 33, 16, 'normal', seed=4)
+    eager = run_kernel(inputs)
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(lambda *x: scan_cpu.scan_core(*x, return_last_state=True))(*inputs)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1
+    compiled = torch.compile(lambda *x: scan_cpu.scan_core(*x, return_last_state=True), fullgraph=True,
+                             backend='aot_eager')
+    gy, gl = _loss_weights(inputs, 1)
+    x32 = [t.clone().requires_grad_() for t in inputs]
+    y, last = compiled(*x32)
+    ((y * gy).sum() + (last * gl).sum()).backward()
+    torch._dynamo.reset()
+    assert torch.equal(y, eager[0]) and torch.equal(last, eager[1])
+    for a, b in zip([t.grad for t in x32], eager[2]):
+        assert torch.equal(a, b)

@@ -101,3 +101,27 @@ def test_layouts_are_cached_per_grid():
 def test_unknown_pad_layout_is_rejected():
     with pytest.raises(ValueError, match='embedin_lateral'):
         sequence_layout(4, 4, P, X, 'embedin_lateral', layer_patterns(3, 1))
+
+
+def test_compiled_calls_never_rebuild_the_layout(monkeypatch):
+    """Under torch.compile the lookup runs once, eagerly, at trace time; the graph holds the index tensors. A new
+    grid is a new trace (the grid is specialised even when Dynamo makes the shapes dynamic)."""
+    import libs.scan_order as so
+    built = []
+    init = so.SequenceLayout.__init__
+    monkeypatch.setattr(so.SequenceLayout, '__init__', lambda self, *a: (built.append(a[:2]), init(self, *a))[1])
+    patterns = layer_patterns(7, 1)
+
+    def reorder(grid):
+        layout = sequence_layout(grid.shape[-2], grid.shape[-1], P, X, 'rho_pad', patterns, str(grid.device))
+        seq = torch.arange(layout.seq_len).expand(grid.shape[0], -1)
+        return seq.index_select(1, layout.layer_gather[1]) + layout.grid_source.sum()
+
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(reorder)(torch.zeros(2, 11, 13))
+    assert explain.graph_break_count == 0
+    compiled = torch.compile(reorder, fullgraph=True, backend='aot_eager')
+    for grid in [torch.zeros(2, 11, 13)] * 3 + [torch.zeros(3, 12, 9), torch.zeros(5, 12, 9), torch.zeros(1, 10, 10)]:
+        assert torch.equal(compiled(grid), reorder(grid))
+    torch._dynamo.reset()
+    assert sorted(set(built)) == sorted(built) == [(10, 10), (11, 13), (12, 9)]       # each grid built once

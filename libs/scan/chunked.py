@@ -77,6 +77,16 @@ class _ChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, delta, u, A, B, C, T):
+        with torch.autocast(delta.device.type, enabled=False):     # vecdot / einsum would autocast to 16 bits
+            return _ChunkedScan._forward(ctx, delta, u, A, B, C, T)
+
+    @staticmethod
+    def backward(ctx, gy, glast):
+        with torch.autocast(gy.device.type, enabled=False):
+            return _ChunkedScan._backward(ctx, gy, glast)
+
+    @staticmethod
+    def _forward(ctx, delta, u, A, B, C, T):
         L = delta.shape[-1]
         nc = -(-L // T)
         dt = _to_chunks(delta, T, nc)                        # (T, B, Di, nc)
@@ -106,7 +116,7 @@ class _ChunkedScan(torch.autograd.Function):
         return _from_chunks(y, L), h[:, :, -1]
 
     @staticmethod
-    def backward(ctx, gy, glast):
+    def _backward(ctx, gy, glast):
         dt, uu, A, Bt, Ct, carry_in = ctx.saved_tensors
         T, L = ctx.T, ctx.L
         nc = dt.shape[-1]

@@ -14,10 +14,12 @@ Contract (mamba_ssm's ``selective_scan_ref`` recurrence, softplus/bias, D skip a
     h_t = exp(delta_t * A) * h_{t-1} + (delta_t * u_t) B_t,  h_{-1} = 0;  y_t = sum_n C_t[n] h_t[:, n]
     y: (batch, D, L); last_state: h_{L-1}, (batch, D, N), or None
 
-CPU float32 only. Differentiable w.r.t. all five inputs (and through last_state). The forward keeps the state in
-registers and saves only the states at segment boundaries (every ``SEGMENT`` steps); the backward recomputes each
-segment's states and runs the reverse recurrence, all in the compiled kernel. Nothing of size (batch, D, L, N) is
-ever allocated. Work is split over (batch, 16-channel blocks) on ``torch.get_num_threads()`` threads; results are
+CPU float32 only. Differentiable w.r.t. all five inputs (and through last_state). The kernel is registered as the
+torch.library ops ``dim::cpu_scan_fwd`` / ``dim::cpu_scan_bwd`` (fake implementations with the real output shapes and
+strides, autograd on the forward op), so torch.compile traces through it without a graph break. The forward keeps
+the state in registers and saves only the states at segment boundaries (every ``SEGMENT`` steps); the backward
+recomputes each segment's states and runs the reverse recurrence, all in the compiled kernel. Nothing of size
+(batch, D, L, N) is ever allocated. Work is split over (batch, 16-channel blocks) on ``torch.get_num_threads()`` threads; results are
 bit-identical for any thread count.
 
 Threads: the caller plus torch.get_num_threads()-1 helper pthreads created per call claim work units from a shared
@@ -41,9 +43,9 @@ import threading
 import warnings
 
 import torch
-from torch.autograd.function import once_differentiable
 
-__all__ = ["is_available", "scan_core", "library_path", "isa", "threading_backend", "SEGMENT"]
+__all__ = ["is_available", "unavailable_reason", "scan_core", "cpu_scan_fwd", "cpu_scan_bwd", "h0s_numel",
+           "library_path", "isa", "threading_backend", "SEGMENT"]
 
 #: Segment length K of the saved states (backward memory ~ batch*D*N*L/K floats); chosen by measurement.
 SEGMENT = 64
@@ -244,73 +246,106 @@ def _prep(delta, u, A, B, C):
     return (delta.contiguous(), u.contiguous(), A.contiguous(), B.contiguous(), C.contiguous()), (bsz, d, length, n)
 
 
-def _forward(delta, u, A, B, C, save_states, segment):
+def h0s_numel(bsz, d, length, n, segment):
+    """Floats of the saved segment-start states (``dim_scan_h0s_numel`` of the C kernel, also for symbolic sizes):
+    one 16 x 16 tile per (batch, 16-channel block, 16-state chunk, segment)."""
+    if bsz <= 0 or d <= 0 or length <= 0 or n <= 0 or segment <= 0:
+        return 0
+    return bsz * ((d + 15) // 16) * ((n + 15) // 16) * ((length + segment - 1) // segment) * 256
+
+
+# The kernel as torch.library ops, so that torch.compile traces through it (no graph break) and autograd is
+# registered on the op.  Inputs are made contiguous inside; every output is a new contiguous float32 tensor.
+
+@torch.library.custom_op("dim::cpu_scan_fwd", mutates_args=(), device_types="cpu")
+def cpu_scan_fwd(delta: torch.Tensor, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                 segment: int, save_states: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> y (batch, D, L), last state (batch, D, N), saved segment states (h0s_numel,) or (0,)."""
     lib = _load()
-    bsz, d, length = delta.shape
-    n = A.shape[1]
-    y = torch.empty_like(delta)
+    if lib is None:
+        raise RuntimeError(f"scan_cpu kernel not available: {_load_error}")
+    (delta, u, A, B, C), (bsz, d, length, n) = _prep(delta, u, A, B, C)
+    y = torch.empty(bsz, d, length, dtype=torch.float32)
     last = torch.empty(bsz, d, n, dtype=torch.float32)
-    h0s = None
-    if save_states:
-        h0s = torch.empty(int(lib.dim_scan_h0s_numel(bsz, d, length, n, segment)), dtype=torch.float32)
+    h0s = torch.empty(h0s_numel(bsz, d, length, n, segment) if save_states else 0, dtype=torch.float32)
     if min(bsz, d, length, n) == 0:
         y.zero_()
         last.zero_()
     else:
-        rc = lib.dim_scan_fwd(_ptr(delta), _ptr(u), _ptr(A), _ptr(B), _ptr(C), _ptr(y), _ptr(last), _ptr(h0s),
-                              bsz, d, length, n, segment, torch.get_num_threads())
+        rc = lib.dim_scan_fwd(_ptr(delta), _ptr(u), _ptr(A), _ptr(B), _ptr(C), _ptr(y), _ptr(last),
+                              _ptr(h0s) if save_states else None, bsz, d, length, n, segment,
+                              torch.get_num_threads())
         _check(rc, "forward")
     return y, last, h0s
 
 
-class _ScanCore(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, delta, u, A, B, C, segment):
-        y, last, h0s = _forward(delta, u, A, B, C, True, segment)
-        ctx.save_for_backward(delta, u, A, B, C, h0s)
-        ctx.segment = segment
-        ctx.set_materialize_grads(False)
-        return y, last
+@cpu_scan_fwd.register_fake
+def _(delta, u, A, B, C, segment, save_states):
+    _, (bsz, d, length, n) = _prep(delta, u, A, B, C)
+    return (delta.new_empty(bsz, d, length), delta.new_empty(bsz, d, n),
+            delta.new_empty(h0s_numel(bsz, d, length, n, segment) if save_states else 0))
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, gy, glast):
-        delta, u, A, B, C, h0s = ctx.saved_tensors
-        bsz, d, length = delta.shape
-        n = A.shape[1]
-        gdelta, gu = torch.empty_like(delta), torch.empty_like(u)
-        gA = torch.empty_like(A)
-        gB, gC = torch.empty_like(B), torch.empty_like(C)
-        if gy is not None:
-            gy = gy.to(torch.float32).contiguous()
-        if glast is not None:
-            glast = glast.to(torch.float32).contiguous()
-        if gy is None and glast is None:
-            return None, None, None, None, None, None
-        if min(bsz, d, length, n) == 0:
-            for t in (gdelta, gu, gA, gB, gC):
-                t.zero_()
-        else:
-            rc = _load().dim_scan_bwd(_ptr(delta), _ptr(u), _ptr(A), _ptr(B), _ptr(C), _ptr(h0s), _ptr(gy), _ptr(glast),
-                                      _ptr(gdelta), _ptr(gu), _ptr(gA), _ptr(gB), _ptr(gC),
-                                      bsz, d, length, n, ctx.segment, torch.get_num_threads())
-            _check(rc, "backward")
-        need = ctx.needs_input_grad
-        return (gdelta if need[0] else None, gu if need[1] else None, gA if need[2] else None,
-                gB if need[3] else None, gC if need[4] else None, None)
+
+@torch.library.custom_op("dim::cpu_scan_bwd", mutates_args=(), device_types="cpu")
+def cpu_scan_bwd(delta: torch.Tensor, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                 h0s: torch.Tensor, gy: torch.Tensor | None, glast: torch.Tensor | None, segment: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (delta, u, A, B, C) of the scan whose forward saved ``h0s``; gy / glast None mean zero."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"scan_cpu kernel not available: {_load_error}")
+    (delta, u, A, B, C), (bsz, d, length, n) = _prep(delta, u, A, B, C)
+    if h0s.numel() != h0s_numel(bsz, d, length, n, segment):
+        raise ValueError("scan_cpu backward: h0s does not come from a forward with save_states=True and these shapes")
+    grads = tuple(torch.empty(t.shape, dtype=torch.float32) for t in (delta, u, A, B, C))
+    if gy is not None:
+        gy = gy.to(torch.float32).contiguous()
+    if glast is not None:
+        glast = glast.to(torch.float32).contiguous()
+    if min(bsz, d, length, n) == 0 or (gy is None and glast is None):
+        for t in grads:
+            t.zero_()
+    else:
+        rc = lib.dim_scan_bwd(_ptr(delta), _ptr(u), _ptr(A), _ptr(B), _ptr(C), _ptr(h0s.contiguous()), _ptr(gy),
+                              _ptr(glast), *(_ptr(t) for t in grads), bsz, d, length, n, segment,
+                              torch.get_num_threads())
+        _check(rc, "backward")
+    return grads
+
+
+@cpu_scan_bwd.register_fake
+def _(delta, u, A, B, C, h0s, gy, glast, segment):
+    _prep(delta, u, A, B, C)
+    return tuple(t.new_empty(t.shape) for t in (delta, u, A, B, C))
+
+
+def _setup_context(ctx, inputs, output):
+    delta, u, A, B, C, segment, save_states = inputs
+    ctx.save_for_backward(delta, u, A, B, C, output[2])
+    ctx.segment, ctx.saved_states = segment, save_states
+    ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, gy, glast, _gh0s):
+    delta, u, A, B, C, h0s = ctx.saved_tensors
+    if not ctx.saved_states:                  # a forward that saved nothing: recompute the segment states
+        h0s = cpu_scan_fwd(delta, u, A, B, C, ctx.segment, True)[2]
+    grads = cpu_scan_bwd(delta, u, A, B, C, h0s, gy, glast, ctx.segment)
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:5])) + (None, None)
+
+
+cpu_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def scan_core(delta, u, A, B, C, return_last_state=False, *, segment: int | None = None):
     """Fused selective-scan core; see the module docstring. Returns ``(y, last_state or None)``."""
-    if _load() is None:
+    if not torch.compiler.is_compiling() and _load() is None:
         raise RuntimeError(f"scan_cpu kernel not available: {_load_error}")
     (delta, u, A, B, C), _ = _prep(delta, u, A, B, C)
     segment = int(segment or SEGMENT)
     if segment < 1:
         raise ValueError("segment must be >= 1")
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (delta, u, A, B, C))
-    if needs_grad:
-        y, last = _ScanCore.apply(delta, u, A, B, C, segment)
-    else:
-        y, last, _ = _forward(delta, u, A, B, C, False, segment)
+    y, last, _ = cpu_scan_fwd(delta, u, A, B, C, segment, needs_grad)
     return y, (last if return_last_state else None)
