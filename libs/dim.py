@@ -60,13 +60,21 @@ class RMSNorm(nn.Module):
 
 
 class ModulatedRMSNorm(nn.Module):
-    """norm(x) * (1 + scale) + shift; shift, scale (B, D) broadcast over tokens."""
+    """norm(x) * (1 + scale) + shift; shift, scale (B, D) broadcast over tokens.
+
+    recompute (with grad enabled): backward keeps x and recomputes the fp32 intermediates.
+    """
 
     def __init__(self, dim):
         super().__init__()
         self.norm = RMSNorm(dim)
 
-    def forward(self, x, shift, scale):
+    def forward(self, x, shift, scale, recompute=True):
+        if recompute and torch.is_grad_enabled():
+            return checkpoint(self.modulate, x, shift, scale, use_reentrant=False, preserve_rng_state=False)
+        return self.modulate(x, shift, scale)
+
+    def modulate(self, x, shift, scale):
         return self.norm(x) * (1 + scale[:, None].float()) + shift[:, None].float()
 
 
@@ -162,15 +170,19 @@ class DiMBlock(nn.Module):
             return self.skip_linear[0](u) + self.skip_linear[1](skip)
         return self.skip_linear(torch.cat([u, skip], dim=-1))
 
-    def forward(self, u, mod, skip=None, gather=None):
-        """u (B, L, D) fp32 in the previous layer's order; mod (B, 3, D); gather (L,) or None."""
+    def forward(self, u, mod, skip=None, gather=None, recompute=True):
+        """u (B, L, D) fp32 in the previous layer's order; mod (B, 3, D); gather (L,) or None.
+
+        recompute (with grad enabled): backward keeps u, not the fp32 norm intermediates, and only xz
+        inside the mixer (libs/memory_estimate.py); False under a whole-block checkpoint.
+        """
         if skip is not None:
             u = self.merge_skip(u, skip).float()
         if gather is not None:
             u = u.index_select(1, gather)
         shift, scale, gate = (self.scale_shift_table + mod).unbind(1)
-        out = self.attn1(self.norm1(u, shift, scale))
-        return u + (1 + gate[:, None].float()) * out.float()
+        out = self.attn1(self.norm1(u, shift, scale, recompute=recompute), recompute=recompute)
+        return u + (1 + gate[:, None].float()) * out          # fp32 math; a bf16 out is kept as it is
 
 
 #################################################################################
@@ -288,7 +300,7 @@ class DiM(nn.Module):
                     skip = skip * skip_w[l]
             args = (u, mod, skip, layout.layer_gather[l])
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                u = checkpoint(block, *args, use_reentrant=False)
+                u = checkpoint(block, *args, recompute=False, use_reentrant=False)
             else:
                 u = block(*args)
             if l in self.skip_sources:

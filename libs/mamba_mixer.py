@@ -1,17 +1,21 @@
 """The Mamba (v1) mixer of every DiM block, with the official parameter names.
 
-    x, z = in_proj(u)                                   (B, L, Di) each, Di = expand * D
-    x = silu(causal depthwise conv1d(x))                kernel d_conv
-    dt, B, C = x_proj(x)                                ranks R = ceil(D / 16), N, N
-    y = selective_scan(x, dt_proj.weight @ dt, -exp(A_log), B, C, D, z, dt_proj.bias, softplus)
+    x, z = in_proj(u)                                (B, Di, L) each, Di = expand * D
+    x = silu(causal depthwise conv1d(x))             kernel d_conv
+    dt, B, C = x_proj(x)                             ranks R = ceil(D / 16), N, N
+    y = selective_scan(x, dt_proj.weight @ dt^T, -exp(A_log), B, C, D, z, dt_proj.bias, softplus)
     out = out_proj(y)
-The scan and the conv use the CUDA kernels when available (libs/scan/).
+dt and x reach the scan as contiguous (B, Di, L) tensors, so no kernel copies them; z stays a channel-last
+view of in_proj's output (a unit-stride z would round silu(z) differently on CPU than before). In training
+only in_proj's output is kept for backward: the conv, dt and the scan are recomputed from it, as mamba's
+fused `mamba_inner_fn` does. The scan and the conv use the CUDA kernels when available (libs/scan/).
 """
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .scan import causal_conv1d, selective_scan
 
@@ -50,11 +54,20 @@ class MambaMixer(nn.Module):
         self.A_log.copy_(torch.log(n).expand(self.d_inner, -1))
         self.D.fill_(1.0)
 
-    def forward(self, u):
-        x, z = self.in_proj(u).transpose(1, 2).chunk(2, dim=1)          # (B, Di, L) each
+    def forward(self, u, recompute=True):
+        """u (B, L, D) -> (B, L, D). recompute: keep only xz for backward (when grad is enabled)."""
+        xz = self.in_proj(u)                                            # (B, L, 2Di)
+        if recompute and torch.is_grad_enabled():
+            y = checkpoint(self.gated_scan, xz, use_reentrant=False, preserve_rng_state=False)
+        else:
+            y = self.gated_scan(xz)
+        return self.out_proj(y.transpose(1, 2))
+
+    def gated_scan(self, xz):
+        """xz (B, L, 2Di) -> (scan(conv(x)) + D*conv(x)) * silu(z), (B, Di, L)."""
+        x, z = xz.transpose(1, 2).chunk(2, dim=1)                       # (B, Di, L) channel-last views
         x = causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation='silu')
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)          # bias goes into the scan
-        y = selective_scan(x, dt, -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
-                           self.D.float(), z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
-        return self.out_proj(y.transpose(1, 2))
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2).contiguous()   # (B, Di, L); bias: in the scan
+        return selective_scan(x, dt, -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
+                              self.D.float(), z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
