@@ -12,13 +12,15 @@ the same `{i}.png` files. Restarting the same command skips batches whose images
 sampled again and only its missing images written). The folder gets `run.json` (what made the images; a folder
 holding images of another run is refused unless --overwrite) and `results.json` (metrics, the ones that could not be
 computed and why, timings); --npz adds `samples.npz` (`arr_0`, uint8 N x H x W x 3), the input of ADM's TensorFlow
-evaluator. The network runs under the autocast of --mixed_precision, the sampler and the VAE decoder in fp32.
+evaluator. The network runs under the autocast of --mixed_precision, the sampler and the VAE decoder in fp32;
+--config.compile=default (or max-autotune, reduce-overhead) runs it through torch.compile (libs/compile.py).
 
 Every process scores its own share: the Inception features of the images it samples (in memory, from the same
 uint8 pixels that its PNG writer thread stores) and of the already-written batches dealt to it (read back), batch by
 batch as the plan cuts them; the features are gathered by sample index and every process computes the same metrics,
 so the scores do not depend on the process count and no process waits alone while another scores.
 """
+import contextlib
 import hashlib
 import json
 import logging
@@ -31,12 +33,14 @@ import torch
 import torch.distributed as dist
 from absl import app, flags
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from ml_collections import config_flags
 from PIL import Image
 from tqdm import tqdm
 
 from libs import get_nnet
 from libs.adm_metrics import load_reference
+from libs.compile import check_compile_mode, compile_network
 from libs.config_loader import config_name
 from libs.fid import default_weights_path, load_inception
 from libs.sample_files import (NPZ_NAME, PngWriter, image_names, png_array, prepare_output_dir, read_png,
@@ -87,11 +91,12 @@ def is_conditional(config):
 
 
 class SamplePlan:
-    """What to sample: batch b holds the indices [b * mini_batch, (b + 1) * mini_batch) of range(n_samples)."""
+    """What to sample: batch b holds the indices [b * mini_batch, (b + 1) * mini_batch) of range(n_samples)
+    (config.sample.n_samples unless `n_samples` is given: the training's in-training FID takes fewer)."""
 
-    def __init__(self, config):
+    def __init__(self, config, n_samples=None):
         s = config.sample
-        self.n, self.mini_batch = int(s.n_samples), int(s.mini_batch_size)
+        self.n, self.mini_batch = int(s.n_samples if n_samples is None else n_samples), int(s.mini_batch_size)
         if self.n < 1 or self.mini_batch < 1:
             raise ValueError(f"config.sample.n_samples={self.n} and mini_batch_size={self.mini_batch} must be >= 1")
         self.seed, self.z_shape = int(config.seed), tuple(config.z_shape)
@@ -216,12 +221,18 @@ def evaluate(config, nnet_path, output_dir=None, inception_path=None, overwrite=
 
 
 def run_evaluation(accelerator, config, nnet_path, output_dir=None, inception_path=None, overwrite=False,
-                   name='config', npz=False):
-    """evaluate() on a given Accelerator (every process calls it); ends with a collective call."""
+                   name='config', npz=False, network_autocast=None):
+    """evaluate() on a given Accelerator (every process calls it); ends with a collective call.
+    `network_autocast`: a context factory the network runs in, besides the autocast accelerate gives a model of a
+    --mixed_precision launch (the training passes its launch's, which also covers DeepSpeed and FSDP2)."""
     start = time.time()
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     device = accelerator.device
     plan = SamplePlan(config)
+    compile_mode = check_compile_mode(config.get('compile', 'none'))
+    if compile_mode != 'none' and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError(f"config.compile={compile_mode!r} is not supported under {accelerator.distributed_type.value}"
+                         " (untested): use --config.compile=none")
     folder = output_dir or default_output_dir(config, name, nnet_path)
     inception_path = inception_path or config.sample.get('inception_path') or None
     npz_group = dist.new_group(backend='gloo', timeout=NPZ_BARRIER_TIMEOUT) if npz and world > 1 else None
@@ -252,12 +263,14 @@ def run_evaluation(accelerator, config, nnet_path, output_dir=None, inception_pa
     to_write = sum(i not in done for b in pending for i in plan.indices(b))
     accelerator.wait_for_everyone()                  # every process has listed the folder before any writes
 
-    nnet = accelerator.prepare_model(nnet, evaluation_mode=True)   # device, autocast of --mixed_precision
+    # accelerate places no model on the device under an FSDP launch (the training's final evaluation runs in one)
+    nnet = accelerator.prepare_model(nnet.to(device), evaluation_mode=True)   # autocast of --mixed_precision
+    nnet = compile_network(nnet, compile_mode)
     n_params = sum(p.numel() for p in nnet.parameters())
     logging.info('DiM %s (%.2fM parameters) from %s; %s, %d steps, guidance %g; %d images in batches of %d '
-                 '(%d to make, %d done) on %d process(es), %s', config.nnet.name, n_params / 1e6, nnet_path,
+                 '(%d to make, %d done) on %d process(es), %s, compile %s', config.nnet.name, n_params / 1e6, nnet_path,
                  plan.options['algorithm'], plan.options['steps'], plan.options['guidance'], plan.n,
-                 plan.mini_batch, to_write, len(done), world, device)
+                 plan.mini_batch, to_write, len(done), world, device, compile_mode)
     scorer = SampleScorer(metric_assets[1], plan.n) if metric == 'fid' else None
     sample_start = time.time()
     sampling_time = 0.0
@@ -267,7 +280,8 @@ def run_evaluation(accelerator, config, nnet_path, output_dir=None, inception_pa
                           dynamic_ncols=True):
                 indices = plan.indices(b)
                 z = index_noise(indices, plan.z_shape, plan.seed)
-                latents = generate(nnet, z, plan.labels(indices), plan.options, plan.seed, indices[0])
+                latents = generate(nnet, z, plan.labels(indices), plan.options, plan.seed, indices[0],
+                                   autocast=network_autocast or contextlib.nullcontext)
                 images = to_uint8(to_images(latents, autoencoder))
                 for i, image in zip(indices, images):
                     if i not in done:

@@ -74,20 +74,35 @@ SCHEDULE = DiscreteSchedule(N=1000)
 #                                 Training Loss                                 #
 #################################################################################
 
+_ABAR_ON_DEVICE = {}
+
+
+def _alphas_cumprod_on(device):
+    """SCHEDULE.alphas_cumprod on ``device``, copied once per device (a per-step copy would be a blocking host to
+    device transfer, which waits for the device to drain)."""
+    key = torch.device(device)
+    if key not in _ABAR_ON_DEVICE:
+        _ABAR_ON_DEVICE[key] = SCHEDULE.alphas_cumprod.to(key)
+    return _ABAR_ON_DEVICE[key]
+
+
 def diffusion_loss(eps_fn, x0, y=None, generator=None):
     """Per-sample epsilon-prediction MSE, shape (B,), for clean latents x0 of shape (B, ...).
 
     n ~ U{1..N} and eps ~ N(0, I) are drawn with ``generator`` when given (so a resumed run can replay them) and
     x_n = sqrt(abar_n) x0 + sqrt(1 - abar_n) eps is returned to x0's dtype. The network gets n as a float32 tensor
     (exact integers, also under bf16 autocast, unlike the official bf16 rounding). The MSE is averaged over the
-    non-batch dimensions in fp32 (float64 for float64 inputs).
+    non-batch dimensions in fp32 (float64 for float64 inputs). With a generator on x0's device nothing is copied
+    between host and device and nothing is read back (no synchronisation).
     """
     B, N = x0.shape[0], SCHEDULE.N
     device = generator.device if generator is not None else x0.device
     work = torch.promote_types(x0.dtype, torch.float32)
-    n = torch.randint(1, N + 1, (B,), generator=generator, device=device).to(x0.device)
-    eps = torch.randn(x0.shape, generator=generator, device=device, dtype=work).to(x0.device)
-    abar = SCHEDULE.alphas_cumprod.to(x0.device)[n].to(work).view(B, *[1] * (x0.dim() - 1))
+    n = torch.randint(1, N + 1, (B,), generator=generator, device=device)
+    eps = torch.randn(x0.shape, generator=generator, device=device, dtype=work)
+    if device != x0.device:                     # a generator on another device: draw there, then move
+        n, eps = n.to(x0.device), eps.to(x0.device)
+    abar = _alphas_cumprod_on(x0.device)[n].to(work).view(B, *[1] * (x0.dim() - 1))
     x_n = (abar.sqrt() * x0.to(work) + (1.0 - abar).sqrt() * eps).to(x0.dtype)
     pred = eps_fn(x_n, n.to(torch.float32), y)
     return (pred.to(work) - eps).pow(2).flatten(1).mean(dim=1)

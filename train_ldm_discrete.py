@@ -6,58 +6,78 @@
     accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml train_ldm_discrete.py --config=...
 
 Restarting the same command resumes from the newest complete checkpoint in <workdir>/ckpts.
-The pieces live in libs/training: config and launch checks, state and checkpoints, data, the step, evaluation.
+The pieces live in libs/training: config and launch checks, state and checkpoints, data, the step, evaluation,
+the in-training FID and its history.
+
+At every config.train.save_interval steps (and the last step): a checkpoint. Every config.train.fid_interval steps
+(default save_interval; 0: never) and at the last step, the score of the EMA network: FID on
+config.sample.intermediate_n_samples samples (`fid<N>`; digits: the classifier report's Fréchet distance), kept in
+<workdir>/best.json; at the end, eval_ldm_discrete.py's full evaluation of the best checkpoint into
+<workdir>/eval/<step>.ckpt_nnet_ema. Every config.train.eval_interval steps (and the last), a sample grid.
+A step is scored after its checkpoint is committed; a run stopped in between scores it when resumed.
+--config.compile=default (or max-autotune, reduce-overhead) compiles the training network in place (libs/compile.py;
+one process or DDP; the EMA network used for grids and scores stays eager).
 """
 import logging
 import os
 import time
 
-import torch
 from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
+from eval_ldm_discrete import FileChecks, raise_if_any_failed, run_evaluation
 from libs.config_loader import config_name
 from libs.run_logging import MetricLog, setup_logging
-from libs.training.config import check_config
+from libs.training.config import check_config, fid_interval
 from libs.training.data import TrainData
-from libs.training.evaluation import Evaluator
-from libs.training.launch import make_accelerator
+from libs.training.evaluation import DIGITS_SCORES, Evaluator, broadcast_from_main
+from libs.training.fid import FID_OFF_HINT, TrainingFID, load_fid_files
+from libs.training.history import ScoreHistory
+from libs.training.launch import configure_cuda, forward_autocast, make_accelerator
 from libs.training.state import TrainState, describe
-from libs.training.step import TrainStep
+from libs.training.step import StepValues, TrainStep
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training configuration (a configs/*.py file).', lock_config=False)
 flags.DEFINE_string('workdir', None, 'Output folder (default: workdir/<config name>/default).')
 flags.mark_flags_as_required(['config'])
+FINAL_METRICS = ('fid', 'sfid', 'inception_score', 'precision', 'recall', *DIGITS_SCORES)
 
 
-class LossWindow:
-    """Per-step values between two log records; stops the run at the first non-finite loss, naming its step."""
+def score_kind(config):
+    """What scores a checkpoint: 'fid', 'digits' (the digits classifier report) or None (fid_interval=0)."""
+    if fid_interval(config) == 0:
+        return None
+    return 'digits' if config.dataset.name == 'digits' else 'fid'
 
-    def __init__(self, ckpt_root):
-        self.ckpt_root, self.losses, self.grad_norm, self.start = ckpt_root, [], float('nan'), time.time()
 
-    def add(self, step, loss, grad_norm):
-        loss = loss.item()
-        if not torch.isfinite(torch.tensor(loss)):
-            raise FloatingPointError(
-                f"training loss became {loss} at step {step}; stopping. The last complete checkpoint in "
-                f"{self.ckpt_root} is kept (lower the learning rate or enable gradient clipping).")
-        self.losses.append(loss)
-        self.grad_norm = float('nan') if grad_norm is None else float(grad_norm)
-
-    def restart(self):
-        self.losses, self.start = [], time.time()
+def load_inputs(config, acc):
+    """(TrainData, FID files or None), loaded on every process before anything is written; every missing file is
+    reported at once (naming its source), on every process alike."""
+    error = data = fid_files = None
+    try:
+        load = FileChecks()
+        data = load(TrainData, config, acc.device, forward_autocast(acc))
+        if score_kind(config) == 'fid':
+            fid_files = load_fid_files(config, acc.device, load)
+        if load.missing and fid_files is not None and None in fid_files:
+            load.missing.append(FID_OFF_HINT)
+        load.raise_if_missing()
+    except Exception as e:
+        error = e
+    raise_if_any_failed(acc, error)
+    return data, fid_files
 
 
 class Trainer:
-    """A run of `config` in `workdir` on accelerator `acc`; `train()` runs until config.train.n_steps."""
+    """A run of `config` (named `name`) in `workdir` on accelerator `acc`; `train()` runs until config.train.n_steps."""
 
-    def __init__(self, config, workdir, acc):
-        self.config, self.workdir, self.acc = config, workdir, acc
+    def __init__(self, config, workdir, acc, name='config'):
+        self.config, self.workdir, self.acc, self.name = config, workdir, acc, name
         self.is_main = acc.is_main_process
         self.ckpt_root = os.path.join(workdir, 'ckpts')
+        self.data, fid_files = load_inputs(config, acc)
         if self.is_main:
             os.makedirs(self.ckpt_root, exist_ok=True)
             os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
@@ -65,75 +85,161 @@ class Trainer:
                 f.write(config.to_json_best_effort(indent=2))
         acc.wait_for_everyone()
         setup_logging(workdir, self.is_main)
-        self.data = TrainData(config, acc.device)
+        configure_cuda(acc.device)
+        self.autocast = forward_autocast(acc)
         self.state = TrainState(config, acc, self.ckpt_root)
         self.train_step = TrainStep(config, acc, self.state, self.data)
-        self.metrics = MetricLog(workdir, config, f'dim_{config.dataset.name}', os.path.basename(os.path.dirname(workdir))) \
-            if self.is_main else None
-        self.evaluate = Evaluator(config, workdir, self.data, self.metrics)
-        self.start_time, self.samples_per_sec = time.time(), 0.0
+        self.metrics = MetricLog(workdir, config, f'dim_{config.dataset.name}',
+                                 os.path.basename(os.path.dirname(workdir))) if self.is_main else None
+        rank, world = acc.process_index, acc.num_processes
+        self.evaluator = Evaluator(config, workdir, self.data, self.metrics, rank, world, self.autocast)
+        self.kind, self.fid = score_kind(config), None
+        if self.kind == 'fid':
+            self.fid = TrainingFID(config, *fid_files, self.data.autoencoder, rank, world, self.autocast)
+        self.history = None
+        if self.kind is not None:
+            metric = self.fid.name if self.fid else 'frechet_distance_digits'
+            self.history = ScoreHistory(workdir, self.ckpt_root, metric, self.is_main)
+            self.history.resume(self.state.step)
+        self.start_time, self.samples_per_sec, self.postfix = time.time(), 0.0, {}
         logging.info('DiM %s: %s; data %s (%d items), %d process(es), global batch %d x %d accumulation',
                      config.nnet.name, describe(self.state), config.dataset.name, len(self.data.dataset),
                      acc.num_processes, config.train.batch_size, acc.gradient_accumulation_steps)
+        logging.info('in-training score: %s', 'none (config.train.fid_interval=0)' if self.kind is None else
+                     f'{self.history.metric} every {fid_interval(config)} steps and at the last, in '
+                     f'{self.history.path}')
         logging.info('outputs in %s', os.path.abspath(workdir))
 
+    # ------------------------------------------------------------------------------------------------ schedule
+    def _due(self, step, interval):
+        return interval > 0 and (step % interval == 0 or step == self.config.train.n_steps)
+
+    def due(self, step):
+        """(save, grid, score): what step `step` makes."""
+        tc = self.config.train
+        return (self._due(step, tc.save_interval), self._due(step, tc.eval_interval),
+                self.kind is not None and self._due(step, fid_interval(self.config)))
+
+    # ------------------------------------------------------------------------------------------------ evaluation
     def _log_fingerprints(self):
         prints = self.acc.gather(self.train_step.data_fingerprint.to(self.acc.device)).tolist()
         if self.is_main:
             self.metrics.log({'step': self.state.step, 'data_fingerprints': prints})
 
-    def _log_window(self, window):
-        tc, acc = self.config.train, self.acc
-        rate = len(window.losses) * tc.batch_size * acc.gradient_accumulation_steps / (time.time() - window.start)
-        record = dict(step=self.state.step, loss=sum(window.losses) / len(window.losses), lr=self.state.lr,
-                      grad_norm=window.grad_norm, samples_per_sec=rate)
-        self.metrics.log(record)
-        self.samples_per_sec = rate
-        return record
+    def _score(self, ema, step):
+        """({metric: value, ...}, extra outputs) of the EMA network at `step`, on every process."""
+        if self.kind == 'fid':
+            return self.fid(ema, step), {}
+        scores, report = self.evaluator.digits_report(ema, step, dict(
+            train_wall_time_s=round(time.time() - self.start_time, 1),
+            train_samples_per_sec=round(self.samples_per_sec, 1)))
+        return scores, {'report': report}
 
-    def _evaluate(self):
-        ema = self.state.ema.module(dst=0)             # gathered from the shards if sharded (every process)
-        outputs = {}
+    def _evaluate(self, step, grid, score):
+        """The sample grid and / or the score of the EMA network at `step` (every process samples its share)."""
+        ema = self.state.ema.module(dst=None)             # gathered from the shards if sharded (every process)
+        outputs, scores = {}, {}
+        if grid:
+            path = self.evaluator.sample_grid(ema, step)
+            if self.is_main:
+                outputs.update(grid=path, loss_curve=self.evaluator.loss_curve())
+        if score:
+            scores, extra = self._score(ema, step)
+            self.history.add(step, scores)
+            outputs.update(extra)
+            if self.is_main:
+                outputs.update(score_curve=self.evaluator.score_curve(self.history), best=self.history.path)
+                self.postfix[self.history.metric] = f'{scores[self.history.metric]:.3f}'
+        del ema
         if self.is_main:
-            outputs = self.evaluate(ema, self.state.step, dict(
-                train_wall_time_s=round(time.time() - self.start_time, 1),
-                train_samples_per_sec=round(self.samples_per_sec, 1)))
-        self.acc.wait_for_everyone()                    # the main process sampled alone
+            images = {'samples': outputs['grid']} if grid else None
+            self.metrics.log({'step': step, **scores, **{f'{k}_path': v for k, v in outputs.items()}}, images=images)
+            logging.info('step %d: %s', step, ', '.join(f'{k} -> {v}' for k, v in outputs.items()))
         return outputs
 
+    def _catch_up(self):
+        """Evaluations of the resumed checkpoint that a stopped run did not make (it stopped between saving the
+        checkpoint and evaluating it); they are made from the resumed EMA, which is the checkpoint's."""
+        step = self.state.step
+        if step == 0:
+            return {}
+        _, grid, score = self.due(step)
+        grid = grid and broadcast_from_main(self.is_main and not os.path.exists(self.evaluator.grid_path(step)))
+        score = score and step not in self.history
+        if not (grid or score):
+            return {}
+        logging.info('checkpoint %d was saved but not %s: doing it now', step,
+                     ' nor '.join(w for w, due in (('sampled', grid), ('scored', score)) if due))
+        return self._evaluate(step, grid, score)
+
+    def _final_evaluation(self):
+        """eval_ldm_discrete.py's full evaluation (config.sample.n_samples, sample_steps) of the best checkpoint's
+        EMA weights into <workdir>/eval/<step>.ckpt_nnet_ema; skipped if best.json records it done."""
+        if self.history is None or self.history.best_step is None:
+            return {}
+        best = self.history.best_step
+        done = self.history.final
+        if done is not None and done.get('step') == best and os.path.isfile(done.get('results', '')):
+            logging.info('final evaluation of checkpoint %d already done: %s', best, done['results'])
+            return {'final_evaluation': done['results']}
+        nnet_path = os.path.join(self.state.checkpoint_path(best), 'nnet_ema.pth')
+        folder = os.path.join(self.workdir, 'eval', f'{best}.ckpt_nnet_ema')
+        logging.info('final evaluation of the best checkpoint (step %d, %s %.4f): %d samples into %s', best,
+                     self.history.metric, self.history.best, self.config.sample.n_samples, folder)
+        results = run_evaluation(self.acc, self.config, nnet_path, folder, self.config.sample.get('inception_path'),
+                                 name=self.name, network_autocast=self.autocast)
+        summary = None
+        if self.is_main:
+            summary = {'step': best, 'results': os.path.abspath(os.path.join(folder, 'results.json')),
+                       'n_samples': results['n_samples'], **{k: results[k] for k in FINAL_METRICS if k in results}}
+            self.metrics.log({'step': self.state.step, **{f'final_{k}': v for k, v in summary.items()}})
+        self.history.set_final(broadcast_from_main(summary))
+        return {'final_evaluation': self.history.final['results']}
+
+    # ------------------------------------------------------------------------------------------------ loop
     def train(self):
-        tc, st = self.config.train, self.state
-        batches = iter(self.data.loader(self.acc.process_index, self.acc.num_processes,
-                                        st.step * self.acc.gradient_accumulation_steps))
+        tc, st, acc = self.config.train, self.state, self.acc
+        outputs = self._catch_up()
+        start = st.step * acc.gradient_accumulation_steps
+        batches = iter(self.data.loader(acc.process_index, acc.num_processes, start))
         bar = tqdm(total=tc.n_steps, initial=st.step, disable=not self.is_main, dynamic_ncols=True, desc='train')
-        window, outputs, first = LossWindow(self.ckpt_root), {}, True
+        values, first = StepValues(self.ckpt_root), True
         while st.step < tc.n_steps:
             st.nnet.train()
             loss, grad_norm = self.train_step(batches)
-            window.add(st.step, loss, grad_norm)
+            values.add(st.step, loss, grad_norm)
             bar.update(1)
             if first:                                   # first step of this process
                 self._log_fingerprints()
                 first = False
+            save, grid, score = self.due(st.step)
             if st.step % tc.log_interval == 0:
+                record = values.record(tc.batch_size * acc.gradient_accumulation_steps)
+                self.samples_per_sec = record['samples_per_sec']
                 if self.is_main:
-                    record = self._log_window(window)
-                    bar.set_postfix(loss=f'{record["loss"]:.4f}', lr=f'{record["lr"]:.2e}',
-                                    img_s=f'{record["samples_per_sec"]:.1f}')
-                window.restart()
-            last = st.step == tc.n_steps
-            if st.step % tc.save_interval == 0 or last:
-                path = st.save(keep=tc.get('keep_ckpts'))
-                if path:
-                    logging.info('saved checkpoint %s', path)
-            if st.step % tc.eval_interval == 0 or last:
-                outputs = self._evaluate()
-            if st.step % tc.save_interval == 0 or st.step % tc.eval_interval == 0:
-                window.start = time.time()
+                    self.metrics.log({'step': st.step, **record, 'lr': st.lr})
+                    self.postfix.update(loss=f'{record["loss"]:.4f}', lr=f'{st.lr:.2e}',
+                                        img_s=f'{record["samples_per_sec"]:.1f}')
+                    bar.set_postfix(self.postfix)
+            elif save or grid or score:
+                values.read()                           # a non-finite loss stops the run before any save
+            if save or grid or score:
+                start = time.time()
+                if save:
+                    path = st.save()
+                    if path:
+                        logging.info('saved checkpoint %s', path)
+                outputs.update(self._evaluate(st.step, grid, score) if grid or score else {})
+                st.prune(tc.get('keep_ckpts'), protect={self.history.best_step} if self.history else ())
+                values.exclude_time(time.time() - start)
+                if self.is_main:
+                    bar.set_postfix(self.postfix)
+        values.read()
         bar.close()
         record = st.replica_record()
         if self.is_main:
             self.metrics.log({'step': st.step, **record})
+        outputs.update(self._final_evaluation())
         return outputs
 
 
@@ -143,8 +249,7 @@ def main(_):
     name = config_name(config_flags.get_config_filename(FLAGS['config']))
     workdir = FLAGS.workdir or os.path.join('workdir', name, 'default')
     acc = make_accelerator(config)                      # refuses launches that cannot work
-    os.makedirs(workdir, exist_ok=True)
-    trainer = Trainer(config, workdir, acc)
+    trainer = Trainer(config, workdir, acc, name)       # checks every input file before writing anything
     outputs = trainer.train()
     if trainer.is_main:
         trainer.metrics.close()

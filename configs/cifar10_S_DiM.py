@@ -13,6 +13,7 @@ def d(**kwargs):
 def get_config():
     config = ml_collections.ConfigDict()
     config.seed = 1234
+    config.compile = 'none'          # or 'default', 'max-autotune', 'reduce-overhead': torch.compile (libs/compile.py)
     config.pred = 'noise_pred'
     config.z_shape = (3, 32, 32)
     config.gradient_accumulation_steps = 1
@@ -20,8 +21,9 @@ def get_config():
     config.gradient_checkpointing = False
 
     config.train = d(n_steps=500000, batch_size=128, mode='uncond',
-                     log_interval=10, eval_interval=5000, save_interval=50000)
-    config.optimizer = d(name='adamw', lr=2e-4, weight_decay=0.03, betas=(0.99, 0.999), eps=1e-8)
+                     log_interval=10, eval_interval=5000, save_interval=50000, fid_interval=50000,
+                     num_workers=8, pin_memory=True, prefetch_factor=2)
+    config.optimizer = d(name='adamw', lr=2e-4, weight_decay=0.03, betas=(0.99, 0.999), eps=1e-8, fused=True)
     config.lr_scheduler = d(name='customized', warmup_steps=2500)
 
     config.nnet = d(
@@ -36,6 +38,6 @@ def get_config():
 
     config.dataset = d(name='cifar10', path='assets/datasets/cifar10', random_flip=True,
                        fid_stat='assets/fid_stats/fid_stats_cifar10_train_pytorch.npz')
-    config.sample = d(sample_steps=1000, n_samples=50000, mini_batch_size=500,
+    config.sample = d(sample_steps=1000, n_samples=50000, intermediate_n_samples=10000, mini_batch_size=500,
                       algorithm='euler_maruyama', path='')
     return config

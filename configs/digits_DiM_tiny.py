@@ -15,6 +15,7 @@ def d(**kwargs):
 def get_config():
     config = ml_collections.ConfigDict()
     config.seed = 1234
+    config.compile = 'none'          # or 'default', 'max-autotune', 'reduce-overhead': torch.compile (libs/compile.py)
     config.pred = 'noise_pred'
     config.z_shape = (1, 16, 16)
     config.gradient_accumulation_steps = 1
@@ -23,9 +24,10 @@ def get_config():
 
     config.train = d(n_steps=1200, batch_size=64, mode='cond', log_interval=10,
                      eval_interval=600, save_interval=600, keep_ckpts=2, num_workers=0,
+                     fid_interval=600,                      # the digits report scores a checkpoint (no FID)
                      grid_columns=10, report_per_class=50,  # samples per class: grid row, digits report
                      ema_rate=0.995)                        # a short run needs a short EMA
-    config.optimizer = d(name='adamw', lr=2e-3, weight_decay=0.0, betas=(0.9, 0.99), eps=1e-8)
+    config.optimizer = d(name='adamw', lr=2e-3, weight_decay=0.0, betas=(0.9, 0.99), eps=1e-8, fused=True)
     config.lr_scheduler = d(name='customized', warmup_steps=100)
 
     config.nnet = d(

@@ -9,16 +9,20 @@ def d(**kwargs):
 def get_config():
     config = ml_collections.ConfigDict()
     config.seed = 1234
+    config.compile = 'none'          # or 'default', 'max-autotune', 'reduce-overhead': torch.compile (libs/compile.py)
     config.pred = 'noise_pred'
     config.z_shape = (4, 32, 32)
     config.autoencoder = d(pretrained_path='assets/stable-diffusion/autoencoder_kl_ema.pth')
     config.gradient_accumulation_steps = 1
     config.max_grad_norm = 1.0
-    config.gradient_checkpointing = False
+    # On: without it the official per-GPU batch needs more than an 80 GB card holds, even with sharded optimizer
+    # state (libs/memory_estimate.py; python benchmarks/activation_memory.py prints the table).
+    config.gradient_checkpointing = True
 
     config.train = d(n_steps=750000, batch_size=768, mode='cond',
-                     log_interval=10, eval_interval=5000, save_interval=25000)
-    config.optimizer = d(name='adamw', lr=2e-4, weight_decay=0.03, betas=(0.99, 0.99), eps=1e-15)
+                     log_interval=10, eval_interval=5000, save_interval=25000, fid_interval=25000,
+                     num_workers=8, pin_memory=True, prefetch_factor=2)
+    config.optimizer = d(name='adamw', lr=2e-4, weight_decay=0.03, betas=(0.99, 0.99), eps=1e-15, fused=True)
     config.lr_scheduler = d(name='customized', warmup_steps=5000)
 
     config.nnet = d(
@@ -34,6 +38,6 @@ def get_config():
     config.dataset = d(name='imagenet', path='assets/datasets/ImageNet', resolution=256,
                        cfg=True, p_uncond=0.1,
                        fid_stat='assets/fid_stats/fid_stats_imagenet256_guided_diffusion.npz')
-    config.sample = d(sample_steps=50, n_samples=50000, mini_batch_size=25,
+    config.sample = d(sample_steps=50, n_samples=50000, intermediate_n_samples=10000, mini_batch_size=25,
                       algorithm='dpm_solver', cfg=True, scale=0.4, path='')
     return config

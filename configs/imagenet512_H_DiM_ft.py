@@ -9,17 +9,21 @@ def d(**kwargs):
 def get_config():
     config = ml_collections.ConfigDict()
     config.seed = 1234
+    config.compile = 'none'          # or 'default', 'max-autotune', 'reduce-overhead': torch.compile (libs/compile.py)
     config.pred = 'noise_pred'
     config.z_shape = (4, 64, 64)
     config.autoencoder = d(pretrained_path='assets/stable-diffusion/autoencoder_kl_ema.pth')
     # Real accumulation: 240 x 2 = 480 samples per optimiser step.
     config.gradient_accumulation_steps = 2
     config.max_grad_norm = 1.0
-    config.gradient_checkpointing = False
+    # On: without it the official per-GPU batch needs more than an 80 GB card holds, even with sharded optimizer
+    # state (libs/memory_estimate.py; python benchmarks/activation_memory.py prints the table).
+    config.gradient_checkpointing = True
 
     config.train = d(n_steps=64000, batch_size=240, mode='cond',
-                     log_interval=10, eval_interval=1000, save_interval=10000)
-    config.optimizer = d(name='adamw', lr=1e-4, weight_decay=0.0, betas=(0.99, 0.99), eps=1e-15)
+                     log_interval=10, eval_interval=1000, save_interval=10000, fid_interval=10000,
+                     num_workers=8, pin_memory=True, prefetch_factor=2)
+    config.optimizer = d(name='adamw', lr=1e-4, weight_decay=0.0, betas=(0.99, 0.99), eps=1e-15, fused=True)
     config.lr_scheduler = d(name='customized', warmup_steps=2500)
 
     config.nnet = d(
@@ -38,6 +42,6 @@ def get_config():
     config.dataset = d(name='imagenet512_features', path='assets/datasets/imagenet512_features',
                        cfg=True, p_uncond=0.15,
                        fid_stat='assets/fid_stats/fid_stats_imagenet512_guided_diffusion.npz')
-    config.sample = d(sample_steps=50, n_samples=50000, mini_batch_size=25,
+    config.sample = d(sample_steps=50, n_samples=50000, intermediate_n_samples=10000, mini_batch_size=25,
                       algorithm='dpm_solver', cfg=True, scale=0.7, path='')
     return config

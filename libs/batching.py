@@ -3,6 +3,9 @@
 Epoch e shuffles the data with a generator seeded by (seed, e); global micro-batch s takes the next
 `global_batch` indices of that permutation (the remainder of an epoch is dropped), and rank r takes
 its contiguous share. Starting at micro-batch s reproduces exactly what an uninterrupted run sees.
+The sampler runs in the training process (DataLoader workers only load the items it names), so the number of
+workers does not change which items a micro-batch holds. Each epoch's permutation is turned into a list once, so
+the per-step work is a list slice.
 """
 import torch
 
@@ -27,9 +30,10 @@ class StepBatchSampler(torch.utils.data.Sampler):
         while True:
             e, k = divmod(s, self.batches_per_epoch)
             if e != epoch:
-                epoch, perm = e, torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + e))
+                generator = torch.Generator().manual_seed(self.seed * 7919 + e)
+                epoch, perm = e, torch.randperm(self.n, generator=generator).tolist()
             begin = k * self.global_batch + self.offset
-            yield perm[begin:begin + self.per_rank].tolist()
+            yield perm[begin:begin + self.per_rank]
             s += 1
 
     def __len__(self):

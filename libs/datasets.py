@@ -1,7 +1,8 @@
 """Training data sets: `get_dataset(**config.dataset)`.
 
 Items are deterministic `(x, label)` pairs: random flips and CFG label dropout are applied in the
-train step from a seeded generator (`augment_batch`), so a resumed run sees exactly the same data.
+train step from a seeded generator (`augment_batch`, in the training process, after the DataLoader workers), so a
+resumed run sees exactly the same data whatever the number of workers.
 Every data set exposes `num_classes` (K; the null class is K), `kind` ('pixels' or 'moments'),
 `item_shape`, `random_flip` and `label_weights` (class frequencies for sampling labels, or None).
 """
@@ -161,17 +162,28 @@ def get_dataset(name, **kwargs):
     return DATASETS[name](**args)
 
 
+def _to_device_of(mask, like):
+    """A small CPU tensor on `like`'s device: copied asynchronously (from pinned memory on CUDA), never blocking."""
+    if mask.device == like.device:
+        return mask
+    if like.device.type == 'cuda':
+        mask = mask.pin_memory()
+    return mask.to(like.device, non_blocking=True)
+
+
 def augment_batch(x, y, dataset, p_uncond, conditional, generator):
     """Random horizontal flips (if the data set uses them) and CFG label dropout to the null class K.
 
-    x (B, C, H, W), y (B,). Unconditional training (conditional=False) always feeds the null class.
+    x (B, C, H, W), y (B,), on any device; the random choices come from `generator` (a CPU generator: the same
+    numbers whatever the device) and are applied where x and y are.
+    Unconditional training (conditional=False) always feeds the null class.
     """
     B = x.shape[0]
     if dataset.random_flip:
         flip = torch.rand(B, generator=generator) < 0.5
-        x = torch.where(flip.view(B, 1, 1, 1).to(x.device), x.flip(-1), x)
+        x = torch.where(_to_device_of(flip.view(B, 1, 1, 1), x), x.flip(-1), x)
     K = dataset.num_classes
     if not conditional:
         return x, torch.full_like(y, K)
     drop = torch.rand(B, generator=generator) < p_uncond
-    return x, torch.where(drop.to(y.device), torch.full_like(y, K), y)
+    return x, torch.where(_to_device_of(drop, y), torch.full_like(y, K), y)

@@ -6,11 +6,21 @@ import torch
 __all__ = ['make_optimizer', 'make_lr_scheduler', 'make_ema', 'ema_update', 'ema_lerp_']
 
 
-def make_optimizer(params, name='adamw', lr=2e-4, weight_decay=0.03, betas=(0.9, 0.999), eps=1e-8):
-    """AdamW over one parameter group (every parameter decayed, as the official code)."""
+def make_optimizer(params, name='adamw', lr=2e-4, weight_decay=0.03, betas=(0.9, 0.999), eps=1e-8, fused=True):
+    """AdamW over one parameter group (every parameter decayed, as the official code).
+
+    fused: torch's fused AdamW kernel (a few launches per step instead of several per parameter) when every
+    parameter is on a CUDA device; elsewhere (CPU runs) torch's default implementation, as with fused=False.
+    """
     if name != 'adamw':
         raise ValueError(f"config.optimizer.name={name!r} is not supported (only 'adamw')")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+    if not isinstance(fused, bool):
+        raise ValueError(f"config.optimizer.fused={fused!r}: expected True or False")
+    params = list(params)
+    on_cuda = bool(params) and all(p.device.type == 'cuda' for p in params)
+    # fused=None, not False, for the default: torch then still picks its multi-tensor kernels on CUDA
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps,
+                             fused=True if fused and on_cuda else None)
 
 
 def _warmup_factor(warmup_steps):

@@ -1,9 +1,9 @@
-"""Training logs on the main process: a JSONL file, wandb (offline unless configured), a loss-curve plot."""
+"""Training logs on the main process: a JSONL file, wandb (offline unless configured), loss and score curve plots."""
 import json
 import logging
 import os
 
-__all__ = ['setup_logging', 'MetricLog', 'plot_loss_curve']
+__all__ = ['setup_logging', 'MetricLog', 'plot_loss_curve', 'plot_score_curve']
 
 
 def setup_logging(workdir, is_main):
@@ -73,6 +73,26 @@ def plot_loss_curve(log_path, out_path):
     ax.set_xlabel('step')
     ax.set_ylabel('training loss (eps MSE)')
     ax.set_yscale('log')
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+def plot_score_curve(points, metric, best_step, out_path):
+    """The in-training score (e.g. fid10000) vs step from [(step, value)], the best step marked, as a PNG."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    steps, values = [p[0] for p in points], [p[1] for p in points]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, values, 'o-', lw=1, ms=3)
+    if best_step is not None:
+        ax.plot([best_step], [dict(points)[best_step]], 'r*', ms=12, label=f'best: step {best_step}')
+        ax.legend()
+    ax.set_xlabel('step')
+    ax.set_ylabel(f'{metric} (EMA)')
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)

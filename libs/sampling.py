@@ -1,14 +1,16 @@
 """Sampling a trained network with a config's sampler, reproducibly by sample index.
 
 Sample i's initial noise and class label depend only on (seed, i); a batch's sampler noise (the
-ancestral sampler) only on (seed, first index). Batches are fixed chunks of indices, so any number
-of processes produces the same images.
+ancestral sampler) only on (seed, first index). Batches are fixed chunks of indices (`index_batches`), dealt
+round-robin to the processes, so any number of processes produces the same images.
 """
+import contextlib
+
 import torch
 
 import sde
 
-__all__ = ['sampler_options', 'index_noise', 'index_labels', 'generate', 'to_images', 'grid_labels']
+__all__ = ['sampler_options', 'index_noise', 'index_labels', 'index_batches', 'generate', 'to_images', 'grid_labels']
 
 
 def sampler_options(config, num_classes):
@@ -38,18 +40,26 @@ def index_labels(indices, num_classes, seed, weights=None):
     return torch.tensor([torch.multinomial(probs, 1, generator=_generator(seed + 1, i)).item() for i in indices])
 
 
+def index_batches(n, batch, rank=0, world_size=1, offset=0):
+    """Process `rank`'s share of the batches of sample indices offset + [0, n): batch b is offset + [b * batch,
+    min((b + 1) * batch, n)), and process r takes batches r, r + world_size, ..."""
+    return [range(offset + s, offset + min(s + batch, n)) for s in range(0, n, batch)][rank::world_size]
+
+
 def grid_labels(num_classes, per_class, max_rows=10):
     """Labels of a sample grid with one row per class (the first `max_rows` classes)."""
     return torch.arange(min(num_classes, max_rows)).repeat_interleave(per_class)
 
 
 @torch.no_grad()
-def generate(nnet, z, y, options, seed=0, first_index=0):
-    """Run `sde.sample` on the network from noise z (B, ...) with labels y (B,) or None; returns latents (fp32)."""
+def generate(nnet, z, y, options, seed=0, first_index=0, autocast=contextlib.nullcontext):
+    """Run `sde.sample` on the network from noise z (B, ...) with labels y (B,) or None; returns latents (fp32).
+    The network runs inside `autocast()` (e.g. the launch's bf16 autocast), the sampler in fp32."""
     device = next(nnet.parameters()).device
 
     def eps_fn(x, t, labels):
-        return nnet(x, t.float(), labels).float()
+        with autocast():
+            return nnet(x, t.float(), labels).float()
 
     options = dict(options)
     if options['algorithm'] == 'euler_maruyama':

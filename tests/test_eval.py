@@ -338,3 +338,25 @@ def test_pixel_space_digits_config_writes_the_digits_report(assets, tmp_path, mo
     assert torch.equal(labels, ev.SamplePlan(config).labels(range(3)))
     with Image.open(tmp_path / 'out' / '2.png') as img:
         assert img.mode == 'L' and np.array_equal(np.asarray(img), (images[2, 0] * 255).round().byte().numpy())
+
+
+def test_compiled_network_gives_the_eager_images(assets, tmp_path, fast_fid, caplog):
+    """config.compile='default': the network through torch.compile (one graph), the images of the eager run."""
+    eager = run_in_process(assets, tmp_path / 'eager', tiny_config(assets, n_samples=4))
+    config = tiny_config(assets, n_samples=4)
+    config.compile = 'default'
+    with caplog.at_level('INFO', logger='libs.compile'):
+        compiled = run_in_process(assets, tmp_path / 'compiled', config)
+    assert any("torch.compile mode 'default', fullgraph=True" in r.getMessage() for r in caplog.records)
+    for i in range(4):
+        a, b = (np.asarray(Image.open(tmp_path / d / f'{i}.png'), np.int16) for d in ('eager', 'compiled'))
+        assert np.abs(a - b).max() <= 2
+    assert compiled['fid'] == pytest.approx(eager['fid'], rel=1e-2)
+
+
+def test_unknown_compile_mode_is_refused_before_sampling(assets, tmp_path):
+    config = tiny_config(assets, n_samples=4)
+    config.compile = 'fast'
+    with pytest.raises(ValueError, match="config.compile must be one of 'none', 'default'"):
+        run_in_process(assets, tmp_path / 'out', config)
+    assert not (tmp_path / 'out').exists()

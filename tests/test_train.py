@@ -23,18 +23,34 @@ def _run(tmp_path, workdir, *args, **kwargs):
 def test_training_writes_every_output(tmp_path):
     workdir = tmp_path / 'run'
     proc = _run(tmp_path, workdir, '--config.train.n_steps=6', '--config.train.save_interval=3',
-                '--config.train.keep_ckpts=1')
-    assert sorted(os.listdir(workdir / 'ckpts')) == ['6.ckpt']             # keep_ckpts=1
+                '--config.train.fid_interval=3', '--config.train.keep_ckpts=1')
+    best = json.loads((workdir / 'best.json').read_text())
+    history = {e['step']: e['frechet_distance_digits'] for e in best['history']}
+    assert sorted(history) == [3, 6] and best['metric'] == 'frechet_distance_digits'   # digits: its report's FD
+    assert best['best_step'] == min(history, key=history.get) and best['best'] == min(history.values())
+    # keep_ckpts=1: the newest, plus the best one (evaluated at the end)
+    assert sorted(os.listdir(workdir / 'ckpts')) == sorted({'6.ckpt', f"{best['best_step']}.ckpt"})
     assert sorted(os.listdir(workdir / 'ckpts' / '6.ckpt')) == sorted(
         ['nnet.pth', 'nnet_ema.pth', 'optimizer.pth', 'lr_scheduler.pth', 'step.pth', 'rng.pth'])
-    for name in ('samples/6.png', 'loss_curve.png', 'report.json', 'config.json', 'output.log'):
+    for name in ('samples/6.png', 'loss_curve.png', 'report.json', 'config.json', 'output.log',
+                 'frechet_distance_digits_curve.png'):
         assert (workdir / name).exists(), name
-    losses = [r for r in _records(workdir) if 'loss' in r]
+    records = _records(workdir)
+    losses = [r for r in records if 'loss' in r]
     assert [r['step'] for r in losses] == [2, 4, 6]
     assert all(r['lr'] > 0 and r['grad_norm'] > 0 and r['samples_per_sec'] > 0 for r in losses)
+    assert [r['step'] for r in records if 'frechet_distance_digits' in r] == [3, 6]
     report = json.loads((workdir / 'report.json').read_text())
     assert 0 <= report['sample_accuracy'] <= 1 and report['step'] == 6
     assert str(workdir / 'report.json') in proc.stdout                  # the command says where outputs went
+    # the final evaluation of the best checkpoint, as eval_ldm_discrete.py writes it
+    final = workdir / 'eval' / f"{best['best_step']}.ckpt_nnet_ema"
+    results = json.loads((final / 'results.json').read_text())
+    assert results['n_samples'] == 20
+    assert results['nnet_path'] == str(workdir / 'ckpts' / f"{best['best_step']}.ckpt" / 'nnet_ema.pth')
+    assert best['final_evaluation']['results'] == str(final / 'results.json')
+    assert str(final / 'results.json') in proc.stdout
+    assert best['final_evaluation']['frechet_distance_digits'] == results['frechet_distance_digits']
     ema = _state(workdir, 6, 'nnet_ema.pth')
     nnet = _state(workdir, 6, 'nnet.pth')
     assert ema.keys() == nnet.keys() and not all(torch.equal(ema[k], nnet[k]) for k in ema)
@@ -161,3 +177,19 @@ def test_a_sharded_launch_on_cpu_processes_is_refused(tmp_path):
     proc = _run(tmp_path, tmp_path / 'fsdp', '--config.train.n_steps=2', launcher=launcher, check=False)
     assert proc.returncode != 0
     assert 'the launch asks for FSDP (ACCELERATE_USE_FSDP=true) but accelerate runs MULTI_CPU' in proc.stderr
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path):
+    """--config.compile=default: the training network compiled in place (checkpoint keys unchanged), losses of the
+    eager run to float tolerance."""
+    args = ('--config.train.n_steps=2', '--config.train.save_interval=2', '--config.train.fid_interval=0')
+    _run(tmp_path, tmp_path / 'eager', *args)
+    proc = _run(tmp_path, tmp_path / 'compiled', *args, '--config.compile=default')
+    assert "compiling the network: torch.compile mode 'default', fullgraph=True" in proc.stderr + proc.stdout
+    eager = [r['loss'] for r in _records(tmp_path / 'eager') if 'loss' in r]
+    compiled = [r['loss'] for r in _records(tmp_path / 'compiled') if 'loss' in r]
+    assert len(eager) == len(compiled) == 1 and compiled[0] == pytest.approx(eager[0], rel=1e-4)
+    a, b = _state(tmp_path / 'eager', 2, 'nnet.pth'), _state(tmp_path / 'compiled', 2, 'nnet.pth')
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5) for k in a)

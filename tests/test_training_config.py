@@ -29,6 +29,13 @@ def _digits():
     ('train.ema_rate', float('nan'), 'config.train.ema_rate=nan'),
     ('train.mode', 'semi', "config.train.mode='semi'; expected 'cond' or 'uncond'"),
     ('train.report_per_class', 0, 'config.train.report_per_class=0'),
+    ('train.fid_interval', -1, 'config.train.fid_interval=-1: must be an integer >= 0'),
+    ('train.fid_interval', 900, 'config.train.fid_interval=900 must be a multiple of config.train.save_interval=600'),
+    ('train.prefetch_factor', 0, 'config.train.prefetch_factor=0: must be an integer >= 1'),
+    ('train.pin_memory', 'yes', "config.train.pin_memory='yes': must be True or False"),
+    ('sample.intermediate_n_samples', 1, 'config.sample.intermediate_n_samples=1: must be an integer >= 2'),
+    ('sample.n_samples', 0, 'config.sample.n_samples=0'),
+    ('sample.inception_path', 3, 'config.sample.inception_path=3: must be a file path'),
     ('optimizer.lr', 0.0, 'config.optimizer.lr=0.0: must be a number > 0'),
     ('optimizer.lr', -1e-4, 'config.optimizer.lr=-0.0001'),
     ('optimizer.eps', 0.0, 'config.optimizer.eps=0.0'),
@@ -39,6 +46,7 @@ def _digits():
     ('max_grad_norm', -1.0, 'config.max_grad_norm=-1.0'),
     ('sample.mini_batch_size', 0, 'config.sample.mini_batch_size=0'),
     ('seed', -1, 'config.seed=-1'),
+    ('compile', 'fast', "config.compile='fast'; expected one of 'none', 'default', 'max-autotune', 'reduce-overhead'"),
 ])
 def test_bad_values_are_named(key, value, message):
     config = _digits()
@@ -47,6 +55,14 @@ def test_bad_values_are_named(key, value, message):
     with pytest.raises(ConfigError) as e:
         check_config(config)
     assert message in str(e.value)
+
+
+def test_fused_must_be_a_bool():
+    config = _digits()
+    del config.optimizer['fused']
+    config.optimizer.fused = 'auto'
+    with pytest.raises(ConfigError, match="config.optimizer.fused='auto': must be True or False"):
+        check_config(config)
 
 
 def test_every_problem_is_reported_at_once():

@@ -8,7 +8,7 @@ from accelerate.utils import DistributedType
 from conftest import ROOT
 from libs import get_nnet
 from libs.config_loader import load_config
-from libs.training.launch import (LaunchError, _configure_deepspeed, check_launch, forward_autocast,
+from libs.training.launch import (LaunchError, _configure_deepspeed, check_compile, check_launch, forward_autocast,
                                   sharding_kind)
 
 
@@ -102,3 +102,16 @@ def test_deepspeed_bf16_runs_the_bf16_network_under_autocast():
         assert torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16
     with forward_autocast(_acc(kind=DistributedType.MULTI_GPU))():
         assert not torch.is_autocast_enabled('cpu')
+
+
+@pytest.mark.parametrize('kind, version', [(DistributedType.FSDP, 1), (DistributedType.FSDP, 2),
+                                           (DistributedType.DEEPSPEED, None)])
+def test_compile_is_refused_under_sharded_launches(kind, version):
+    config = _config()
+    config.compile = 'default'
+    with pytest.raises(LaunchError, match="config.compile='default' has not been tested under"):
+        check_compile(config, _acc(2, kind, ds=_ds(), fsdp_version=version))
+    config.compile = 'none'
+    check_compile(config, _acc(2, kind, ds=_ds(), fsdp_version=version))
+    config.compile = 'default'
+    check_compile(config, _acc(2, DistributedType.MULTI_GPU))

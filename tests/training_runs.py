@@ -21,7 +21,8 @@ CPU_LAUNCH = (*ACCELERATE, '--multi_gpu', '--num_processes', '2', '--num_machine
 TINY = ['--config=' + str(ROOT / 'configs' / 'digits_DiM_tiny.py'),
         '--config.nnet.attention_head_dim=32', '--config.nnet.num_layers=3', '--config.train.batch_size=8',
         '--config.train.log_interval=2', '--config.train.eval_interval=1000', '--config.train.report_per_class=2',
-        '--config.sample.sample_steps=2', '--config.sample.mini_batch_size=20', '--config.train.grid_columns=2']
+        '--config.sample.sample_steps=2', '--config.sample.mini_batch_size=20', '--config.train.grid_columns=2',
+        '--config.sample.n_samples=20']
 
 _FSDP = str(ROOT / 'configs' / 'accelerate' / 'fsdp_shard_grad_op.yaml')
 _ZERO2 = str(ROOT / 'configs' / 'accelerate' / 'deepspeed_zero2.yaml')
@@ -52,12 +53,13 @@ def env(tmp_path, use_cpu=True):
     return out
 
 
-def command(workdir, *args, launcher=(sys.executable,)):
-    return [*launcher, SCRIPT, *TINY, f'--workdir={workdir}', *args]
+def command(workdir, *args, launcher=(sys.executable,), base=TINY):
+    return [*launcher, SCRIPT, *base, f'--workdir={workdir}', *args]
 
 
-def run(tmp_path, workdir, *args, launcher=(sys.executable,), check=True, timeout=600, use_cpu=True):
-    cmd = command(workdir, *args, launcher=launcher)
+def run(tmp_path, workdir, *args, launcher=(sys.executable,), check=True, timeout=600, use_cpu=True, base=TINY):
+    """Run the training script (`base`: the config arguments, default the tiny digits run) to the end."""
+    cmd = command(workdir, *args, launcher=launcher, base=base)
     proc = subprocess.run(cmd, env=env(tmp_path, use_cpu), capture_output=True, text=True, timeout=timeout,
                           cwd=tmp_path)
     if check and proc.returncode != 0:
@@ -65,12 +67,13 @@ def run(tmp_path, workdir, *args, launcher=(sys.executable,), check=True, timeou
     return proc
 
 
-def run_and_kill_after(tmp_path, workdir, step, *args, launcher=(sys.executable,), use_cpu=True, timeout=600):
+def run_and_kill_after(tmp_path, workdir, step, *args, launcher=(sys.executable,), use_cpu=True, timeout=600,
+                       base=TINY):
     """Start a run, SIGKILL it and every process it started as soon as checkpoint `step` exists; the steps of the
     checkpoints it left."""
     log = open(tmp_path / f'{os.path.basename(workdir)}-killed.log', 'w')
-    proc = subprocess.Popen(command(workdir, *args, launcher=launcher), env=env(tmp_path, use_cpu), cwd=tmp_path,
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(command(workdir, *args, launcher=launcher, base=base), env=env(tmp_path, use_cpu),
+                            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + timeout
     while not (workdir / 'ckpts' / f'{step}.ckpt').exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)

@@ -6,7 +6,10 @@ problem found at once. `check_batch_split` needs the process count (after the Ac
 import math
 import numbers
 
-__all__ = ['ConfigError', 'check_config', 'check_batch_split', 'TRAIN_KEYS']
+from libs.compile import COMPILE_MODES
+
+__all__ = ['ConfigError', 'check_config', 'check_batch_split', 'TRAIN_KEYS', 'fid_interval', 'intermediate_n_samples',
+           'INTERMEDIATE_N_SAMPLES']
 
 
 class ConfigError(ValueError):
@@ -15,7 +18,18 @@ class ConfigError(ValueError):
 
 # Keys of config.train that the training script reads; anything else is a typo or a key of another script.
 TRAIN_KEYS = ('n_steps', 'batch_size', 'mode', 'log_interval', 'eval_interval', 'save_interval', 'keep_ckpts',
-              'num_workers', 'grid_columns', 'report_per_class', 'ema_rate')
+              'num_workers', 'pin_memory', 'prefetch_factor', 'fid_interval', 'grid_columns', 'report_per_class',
+              'ema_rate')
+INTERMEDIATE_N_SAMPLES = 10_000     # samples of the in-training FID (the official loop's fid10000)
+
+
+def fid_interval(config):
+    """Steps between two in-training FID scores (0: none); config.train.fid_interval, default save_interval."""
+    return config.train.get('fid_interval', config.train.save_interval)
+
+
+def intermediate_n_samples(config):
+    return config.sample.get('intermediate_n_samples', INTERMEDIATE_N_SAMPLES)
 
 
 def _is_int(v):
@@ -53,6 +67,8 @@ def _problems(config):
         integer('config.train.save_interval', tc.get('save_interval'), 1),
         integer('config.train.keep_ckpts', tc.get('keep_ckpts'), 1, optional=True),
         integer('config.train.num_workers', tc.get('num_workers', 0), 0),
+        integer('config.train.prefetch_factor', tc.get('prefetch_factor', 2), 1),
+        integer('config.train.fid_interval', tc.get('fid_interval', 0), 0),
         integer('config.train.grid_columns', tc.get('grid_columns', 10), 1),
         integer('config.train.report_per_class', tc.get('report_per_class', 50), 1),
         integer('config.gradient_accumulation_steps', config.get('gradient_accumulation_steps', 1), 1),
@@ -61,6 +77,14 @@ def _problems(config):
         None if config.get('max_grad_norm') is None else
         real('config.max_grad_norm', config.get('max_grad_norm'), lambda v: v >= 0, '>= 0 (0 or None: no clipping)'),
     ]
+    if tc.get('pin_memory', True) not in (True, False):
+        checks.append(f"config.train.pin_memory={tc.get('pin_memory')!r}: must be True or False")
+    fi, save = tc.get('fid_interval'), tc.get('save_interval')
+    if _is_int(fi) and fi > 0 and _is_int(save) and save > 0 and fi % save:
+        checks.append(f"config.train.fid_interval={fi} must be a multiple of config.train.save_interval={save} (the "
+                      "best-FID checkpoint is evaluated at the end), or 0 for no in-training FID")
+    if config.get('compile', 'none') not in COMPILE_MODES:
+        checks.append(f"config.compile={config.get('compile')!r}; expected one of {', '.join(map(repr, COMPILE_MODES))}")
     if tc.get('mode') not in ('cond', 'uncond'):
         checks.append(f"config.train.mode={tc.get('mode')!r}; expected 'cond' or 'uncond'")
     opt = config.get('optimizer')
@@ -70,6 +94,8 @@ def _problems(config):
             real('config.optimizer.weight_decay', opt.get('weight_decay', 0.03), lambda v: v >= 0, '>= 0'),
             real('config.optimizer.eps', opt.get('eps', 1e-8), lambda v: v > 0, 'a number > 0'),
         ]
+        if opt.get('fused', True) not in (True, False):
+            checks.append(f"config.optimizer.fused={opt.get('fused')!r}: must be True or False")
         betas = opt.get('betas', (0.9, 0.999))
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_real(b) and 0 <= b < 1 for b in betas)):
             checks.append(f"config.optimizer.betas={betas!r}: must be two numbers in [0, 1)")
@@ -79,7 +105,13 @@ def _problems(config):
     sample = config.get('sample')
     if sample is not None:
         checks += [integer('config.sample.mini_batch_size', sample.get('mini_batch_size'), 1),
-                   integer('config.sample.sample_steps', sample.get('sample_steps'), 1)]
+                   integer('config.sample.sample_steps', sample.get('sample_steps'), 1),
+                   integer('config.sample.intermediate_n_samples',
+                           sample.get('intermediate_n_samples', INTERMEDIATE_N_SAMPLES), 2),
+                   integer('config.sample.n_samples', sample.get('n_samples', 1), 1)]
+        path = sample.get('inception_path')
+        if path is not None and not isinstance(path, str):
+            checks.append(f"config.sample.inception_path={path!r}: must be a file path (or None: pytorch-fid's cache)")
     yield from (c for c in checks if c)
 
 

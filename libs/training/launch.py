@@ -10,8 +10,12 @@ Refused, each with a message that says how to launch instead:
   DeepSpeed / FSDP set-ups the checkpoint code does not handle (ZeRO stage other than 2, offloading, FSDP1 without
   `use_orig_params`).
 Under DeepSpeed the per-GPU micro-batch, gradient accumulation and clipping are set from the config.
+
+On CUDA the training also turns on what the official training runs with (`configure_cuda`): TF32 matmuls and
+convolutions (Ampere and newer) and cudnn.benchmark. CPU runs are left as they are.
 """
 import contextlib
+import logging
 import os
 
 import torch
@@ -20,7 +24,9 @@ from accelerate.utils import DistributedType
 
 from libs.training.config import check_batch_split
 
-__all__ = ['LaunchError', 'make_accelerator', 'check_launch', 'forward_autocast', 'sharding_kind']
+__all__ = ['LaunchError', 'make_accelerator', 'check_launch', 'check_compile', 'configure_cuda', 'forward_autocast', 'sharding_kind']
+
+log = logging.getLogger(__name__)
 
 
 class LaunchError(RuntimeError):
@@ -54,6 +60,14 @@ def check_launch(acc):
     if acc.mixed_precision == 'fp16' or _deepspeed_precision(acc) == 'fp16':
         raise LaunchError("mixed precision fp16 is not supported (its loss-scaler state is not checkpointed, so a "
                           "resumed run would differ); launch with --mixed_precision bf16 or no")
+
+
+def check_compile(config, acc):
+    """config.compile works on the replicated launches (one process, DDP); the sharded ones refuse it."""
+    mode = config.get('compile', 'none')
+    if mode != 'none' and sharding_kind(acc) != 'replicated':
+        raise LaunchError(f"config.compile={mode!r} has not been tested under {sharding_kind(acc)} (FSDP and DeepSpeed "
+                          "wrap the network's forward): use --config.compile=none with this launch, or plain DDP")
 
 
 def sharding_kind(acc):
@@ -128,6 +142,7 @@ def make_accelerator(config):
     GA = int(config.get('gradient_accumulation_steps', 1))
     acc = Accelerator(gradient_accumulation_steps=GA)
     check_launch(acc)
+    check_compile(config, acc)
     check_batch_split(config, acc.num_processes)
     if acc.distributed_type == DistributedType.DEEPSPEED:
         _configure_deepspeed(acc, config)
@@ -138,6 +153,23 @@ def make_accelerator(config):
                           f"(ACCELERATE_GRADIENT_ACCUMULATION_STEPS or the DeepSpeed config) but "
                           f"config.gradient_accumulation_steps={GA}; make them equal")
     return acc
+
+
+def configure_cuda(device):
+    """On a CUDA device: TF32 for fp32 matmuls and cuDNN convolutions (used by Ampere and newer; NVIDIA_TF32_OVERRIDE=0
+    in the environment turns it off) and cudnn.benchmark (the fastest convolution algorithms for the fixed training
+    shapes), as the official training. Nothing elsewhere. Code that needs true fp32 (the FID Inception,
+    libs.fid.full_fp32) turns TF32 off around itself."""
+    device = torch.device(device)
+    if device.type != 'cuda':
+        return
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    major, minor = torch.cuda.get_device_capability(device)
+    log.info('CUDA %s (compute capability %d.%d): TF32 matmuls and convolutions %s, cudnn.benchmark on',
+             torch.cuda.get_device_name(device), major, minor,
+             'on' if major >= 8 else 'allowed (no TF32 before Ampere)')
 
 
 def forward_autocast(acc):

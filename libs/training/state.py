@@ -16,13 +16,16 @@ processes agree on the newest step all of them can read, and each takes its part
 """
 import logging
 import os
+import shutil
 
+import torch
 import torch.distributed as dist
 from accelerate.utils import set_seed
 
 from libs import get_nnet
-from libs.checkpoint import (FILES, CheckpointError, commit, latest_resumable, load_checkpoint, read_file,
-                             staging_dir, write_files)
+from libs.compile import compile_in_place
+from libs.checkpoint import (FILES, CheckpointError, commit, latest_resumable, list_checkpoints, load_checkpoint,
+                             read_file, staging_dir, write_files)
 from libs.optim import make_ema, make_lr_scheduler, make_optimizer
 from libs.training.ema import EMA
 from libs.training.launch import sharding_kind
@@ -71,14 +74,15 @@ class TrainState:
         self.n_params = sum(s.numel() for s in full_shapes.values())
         if states is not None:
             model.load_state_dict(states['nnet.pth'])
+        model.to(acc.device)                        # before the optimizer, which chooses its kernel by device
         optimizer = make_optimizer(model.parameters(), **config.optimizer)
         self.lr_scheduler = make_lr_scheduler(optimizer, **config.lr_scheduler)
         self.rng = RunRNG(config.seed, self.rank, acc.device)
         if states is not None:
             self.lr_scheduler.load_state_dict(states['lr_scheduler.pth'])
             self.rng.restore(states['rng.pth'], self.world, self.step)
-        model.to(acc.device)
         ema_module = make_ema(model) if self.kind == 'replicated' else None
+        compile_in_place(model, config.get('compile', 'none'))      # the training forward; the EMA stays eager
         self.nnet, self.optimizer = acc.prepare(model, optimizer)
         self.layout = ParamLayout(self.kind, self.nnet, acc.unwrap_model(self.nnet), full_shapes, self.rank, self.world)
         self.ema = EMA(self.layout, module=ema_module, build_model=lambda: get_nnet(**self.nnet_config))
@@ -112,8 +116,24 @@ class TrainState:
                    'optimizer.pth': 0 if self.layout.sharded else 2 % W}
         return writers
 
-    def save(self, keep=None):
-        """Write checkpoint `step` (every process calls it); returns its path on process 0, None elsewhere."""
+    def check_finite(self):
+        """Raise FloatingPointError on every process if a weight or EMA value of any process is not finite
+        (collective). One device-to-host read."""
+        local = [t for t in (*self.layout.local_tensors(), *self.ema.tensors) if t.numel()]
+        flag = torch.stack([torch.isfinite(t).all() for t in local]).all().to(torch.int32).view(1) if local else \
+            torch.ones(1, dtype=torch.int32, device=self.layout.device)
+        if _distributed():
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if not flag.item():
+            raise FloatingPointError(
+                f"the weights or their EMA hold non-finite values after step {self.step} (its loss and the earlier "
+                f"ones were finite); stopping without saving checkpoint {self.step}. The last complete checkpoint in "
+                f"{self.ckpt_root} is kept (lower the learning rate or enable gradient clipping).")
+
+    def save(self):
+        """Write checkpoint `step` (every process calls it) after checking the weights are finite; returns its path
+        on process 0, None elsewhere. Old checkpoints are removed by `prune`."""
+        self.check_finite()
         writers = self._writers()
         files = {}
         nnet_state = self.layout.gather_full(self.layout.local_tensors(), dst=writers['nnet.pth'])
@@ -136,7 +156,19 @@ class TrainState:
         if self.rank != 0:
             return None
         shards = [shard_file(r) for r in range(self.world)] if self.layout.sharded else []
-        return commit(self.ckpt_root, self.step, self.token, keep=keep, expect=shards)
+        return commit(self.ckpt_root, self.step, self.token, expect=shards)
+
+    def prune(self, keep, protect=()):
+        """Process 0: remove all but the newest `keep` checkpoints (None: keep all), sparing the steps in
+        `protect` (the best-FID checkpoint, evaluated at the end)."""
+        if keep is None or self.rank != 0:
+            return
+        for step, path in list_checkpoints(self.ckpt_root)[:-keep]:
+            if step not in protect:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def checkpoint_path(self, step):
+        return os.path.join(self.ckpt_root, f'{step}.ckpt')
 
     # ------------------------------------------------------------------------------------------------ checks
     def replica_record(self):
