@@ -19,7 +19,7 @@ def test_shortened_schedule_generates_recognisable_digits(tmp_path, seed):
     cmd = [sys.executable, str(ROOT / 'train_ldm_discrete.py'), '--config=' + str(ROOT / 'configs' / 'digits_DiM_tiny.py'),
            f'--workdir={tmp_path}/run', f'--config.seed={seed}', f'--config.train.n_steps={SHORT_STEPS}',
            f'--config.train.eval_interval={SHORT_STEPS}', f'--config.train.save_interval={SHORT_STEPS}',
-           '--config.train.report_per_class=20']
+           f'--config.train.fid_interval={SHORT_STEPS}', '--config.train.report_per_class=20']
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / 'run' / 'report.json').read_text())

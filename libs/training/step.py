@@ -74,7 +74,8 @@ class StepValues:
             return
         steps, losses, grad_norm = [p[0] for p in self.pending], [p[1] for p in self.pending], self.pending[-1][2]
         tensors = [t.detach().float().reshape(()) for t in losses]
-        if grad_norm is not None:
+        on_device = torch.is_tensor(grad_norm)          # DeepSpeed reports a Python float (read by DeepSpeed)
+        if on_device:
             tensors.append(grad_norm.detach().float().reshape(()))
         values = torch.stack(tensors).tolist()          # the one device-to-host read
         self.pending = []
@@ -84,7 +85,7 @@ class StepValues:
                     f"training loss became {loss} at step {step}; stopping. The last complete checkpoint in "
                     f"{self.ckpt_root} is kept (lower the learning rate or enable gradient clipping).")
         self.losses.extend(values[:len(steps)])
-        self.grad_norm = values[-1] if grad_norm is not None else float('nan')
+        self.grad_norm = values[-1] if on_device else float('nan') if grad_norm is None else float(grad_norm)
 
     def exclude_time(self, seconds):
         """Leave `seconds` (a checkpoint, an evaluation) out of the window's throughput."""
