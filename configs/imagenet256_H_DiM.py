@@ -15,8 +15,8 @@ def get_config():
     config.autoencoder = d(pretrained_path='assets/stable-diffusion/autoencoder_kl_ema.pth')
     config.gradient_accumulation_steps = 1
     config.max_grad_norm = 1.0
-    # On: without it the official per-GPU batch needs more than an 80 GB card holds, even with sharded optimizer
-    # state (libs/memory_estimate.py; python benchmarks/activation_memory.py prints the table).
+    # On: without it the official per-GPU batch needs more than an 80 GB card holds under DDP (the sharded launches
+    # leave little headroom; libs/memory_estimate.py, python benchmarks/activation_memory.py prints the table).
     config.gradient_checkpointing = True
 
     config.train = d(n_steps=750000, batch_size=768, mode='cond',

@@ -16,8 +16,8 @@ def get_config():
     # Real accumulation: 240 x 2 = 480 samples per optimiser step.
     config.gradient_accumulation_steps = 2
     config.max_grad_norm = 1.0
-    # On: without it the official per-GPU batch needs more than an 80 GB card holds, even with sharded optimizer
-    # state (libs/memory_estimate.py; python benchmarks/activation_memory.py prints the table).
+    # On: without it the official per-GPU batch needs more than an 80 GB card holds under DDP (the sharded launches
+    # leave little headroom; libs/memory_estimate.py, python benchmarks/activation_memory.py prints the table).
     config.gradient_checkpointing = True
 
     config.train = d(n_steps=64000, batch_size=240, mode='cond',

@@ -97,7 +97,8 @@ def config_memory_estimate(config, gpus=OFFICIAL_GPUS):
     FSDP SHARD_GRAD_OP) = weights 4 P + bf16 copies 2 P + (grads 4 P + AdamW 8 P + EMA 4 P) / gpus (the EMA is kept
     shard-locally, libs/training/ema.py).
     Activations = blocks + head (module docstring) + one block's backward working set. A config needs
-    `gradient_checkpointing` when its activations do not fit next to even the sharded state.
+    `gradient_checkpointing` when its activations do not fit next to the replicated state: the configs' default
+    must work with a plain DDP launch (a sharded launch may have room without it; `fits_sharded` says).
     """
     model, n_params = _nnet_shape(config)
     batch = config.train.batch_size // gpus if gpus > 1 else config.train.batch_size
@@ -124,5 +125,5 @@ def config_memory_estimate(config, gpus=OFFICIAL_GPUS):
         state_replicated=replicated, state_sharded=int(sharded),
         fits_replicated=activations + replicated <= usable, fits_sharded=activations + sharded <= usable,
         fits_checkpointed=checkpointed + replicated <= usable,
-        needs_checkpointing=activations + sharded > usable,
+        needs_checkpointing=activations + replicated > usable,
     )

@@ -77,10 +77,12 @@ def test_png_writer_raises_the_first_error_and_drops_the_rest(tmp_path, monkeypa
 
     monkeypatch.setattr(sf, 'write_png', write)
     writer = PngWriter()
-    for i, image in enumerate(random_images(3)):
-        writer.put(png_array(image), str(tmp_path / f'{i}.png'))
     with pytest.raises(RuntimeError, match='writing sample PNGs failed: disk full') as err:
-        writer.close()
+        try:                    # the error surfaces at the next put or at close, as the writer thread gets there
+            for i, image in enumerate(random_images(3)):
+                writer.put(png_array(image), str(tmp_path / f'{i}.png'))
+        finally:
+            writer.close()
     assert isinstance(err.value.__cause__, OSError)
     assert sorted(os.listdir(tmp_path)) == ['0.png']           # 2.png, queued after the error, is dropped
 
