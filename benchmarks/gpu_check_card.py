@@ -243,7 +243,6 @@ def _standins(dev, width, batch, L, reference):
 
 
 def dispatch(ctx):
-    import torch
     s = ctx.sizes()
     dev = _device(ctx)
     records = []

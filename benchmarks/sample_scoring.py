@@ -11,7 +11,6 @@ pay it alike). Writes sample_scoring.json with seconds per 1,000 images for each
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+from benchmarks.machine import cpu_name                          # noqa: E402
 from libs import get_nnet                                        # noqa: E402
 from libs.fid import FIDInception, fid_inception_v3, folder_loader, load_inception   # noqa: E402
 from libs.sample_files import png_array, write_png               # noqa: E402
@@ -87,7 +87,7 @@ def main(argv=None):
     inception = (load_inception(args.weights, 'cpu') if args.weights else
                  FIDInception(fid_inception_v3().state_dict()))
     base = tiny_dim_images(args.n)
-    results = dict(machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+    results = dict(machine=cpu_name(), threads=torch.get_num_threads(),
                    n=args.n, batch=args.batch, workers=args.workers, sizes={})
     for size in args.sizes:
         images = base if size == 32 else F.interpolate(base, size=(size, size), mode='bilinear',

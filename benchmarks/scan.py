@@ -283,8 +283,9 @@ def main():
     repeats = args.repeats or (3 if args.quick else 5)
     impls = list(args.impls)
     sys.path.insert(0, ROOT)
+    from benchmarks.machine import cpu_name
     meta = dict(threads=threads, torch=torch.__version__, python=platform.python_version(),
-                machine=platform.machine(), cpu=_cpu_name(), nproc=os.cpu_count(), batch=BATCH, d_state=NSTATE,
+                machine=platform.machine(), cpu=cpu_name(), nproc=os.cpu_count(), batch=BATCH, d_state=NSTATE,
                 date=time.strftime('%Y-%m-%d %H:%M:%S'), loadavg_start=os.getloadavg())
     try:
         from libs.scan import cpu as scan_cpu
@@ -490,17 +491,6 @@ def _plot(rows, impls, path, meta):
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-
-
-def _cpu_name():
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or 'unknown'
 
 
 if __name__ == '__main__':

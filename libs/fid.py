@@ -115,15 +115,17 @@ class FIDInception(nn.Module):
         self.features = nn.Sequential(OrderedDict((name, getattr(net, name)) for name in _FEATURE_LAYERS))
         self.register_buffer("logit_weight", net.fc.weight.detach().clone())     # (1008, 2048)
         self._spatial_at = _FEATURE_LAYERS.index(_SPATIAL_BLOCK)
+        # Channels-last convolutions: about 2x faster than NCHW on a 2-vCPU AMD EPYC (benchmarks/inception.py).
+        self.to(memory_format=torch.channels_last)
         self.requires_grad_(False)
         self.eval()
 
     @staticmethod
     def _prepare(x: torch.Tensor) -> torch.Tensor:
-        # One memory layout (NCHW) whatever the caller's (a permuted HWC tensor is channels-last), so that the
+        # One memory layout whatever the caller's (a permuted HWC tensor is already channels-last), so that the
         # same pixels always meet the same kernels: bitwise-equal features from memory and from files.
         x = F.interpolate(x.float().contiguous(), size=(299, 299), mode="bilinear", align_corners=False)
-        return 2 * x - 1
+        return (2 * x - 1).contiguous(memory_format=torch.channels_last)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:

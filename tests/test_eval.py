@@ -18,55 +18,34 @@ from libs import get_nnet
 from libs.adm_metrics import load_reference, sample_metrics, save_reference
 from libs.config_loader import load_config
 from libs.fid import FEATURE_DIMS, load_inception
-from test_autoencoder import SMALL, random_ldm_state_dict
-from test_fid import random_inception_state_dict
+from tiny_assets import write_config, write_scoring_assets
 
 SCRIPT = str(ROOT / 'eval_ldm_discrete.py')
 TINY = dict(name='Mamba_DiT_S_2', attention_head_dim=32, num_layers=3, in_channels=4, sample_size=4,
             num_embeds_ada_norm=10)
 N, BATCH = 7, 3  # three batches, the last one partial
-CONFIG = '''
-import ml_collections
-
-
-def d(**kwargs):
-    return ml_collections.ConfigDict(initial_dictionary=kwargs)
-
-
-def get_config():
-    config = ml_collections.ConfigDict()
-    config.seed = 7
-    config.z_shape = (4, 4, 4)  # the tiny VAE upsamples x2: 8x8 images
-    config.autoencoder = d(pretrained_path={vae!r})
-    config.nnet = d(**{nnet!r})
-    config.dataset = d(name='imagenet256_features', path='unused', fid_stat={stats!r})
-    config.sample = d(sample_steps=50, n_samples={n}, mini_batch_size={batch}, algorithm='dpm_solver', cfg=True,
-                      scale=0.4, path='', inception_path={inception!r})
-    return config
-'''
 
 pytestmark = pytest.mark.filterwarnings('ignore::scipy.linalg.LinAlgWarning')
 
 
 @pytest.fixture(scope='module')
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp('assets')
-    paths = {k: str(root / v) for k, v in dict(nnet='ckpts/100.ckpt/nnet_ema.pth', vae='autoencoder_kl_ema.pth',
-                                                  inception='pt_inception.pth', stats='fid_stats.npz',
-                                                  config='tiny_eval.py').items()}
+    root = str(tmp_path_factory.mktemp('assets'))
+    paths = write_scoring_assets(root)
+    paths.update(nnet=os.path.join(root, 'ckpts', '100.ckpt', 'nnet_ema.pth'),
+                 stats=os.path.join(root, 'fid_stats.npz'), full_stats=os.path.join(root, 'full_stats.npz'))
     os.makedirs(os.path.dirname(paths['nnet']))
-    torch.manual_seed(0)
     torch.save(get_nnet(**TINY).state_dict(), paths['nnet'])
-    torch.save(random_ldm_state_dict(**SMALL), paths['vae'])
-    torch.save(random_inception_state_dict(), paths['inception'])
     np.savez(paths['stats'], mu=np.zeros(2048), sigma=np.eye(2048))          # a U-ViT-style file: FID only
-    rng = np.random.default_rng(0)
-    paths['full_stats'] = str(root / 'full_stats.npz')                       # everything ADM's suite needs
+    rng = np.random.default_rng(0)                                           # everything ADM's suite needs:
     save_reference(paths['full_stats'], np.full(2048, 0.1), np.eye(2048), np.full(2023, 0.1), np.eye(2023),
                    np.abs(rng.normal(size=(12, 2048))).astype(np.float32))
-    with open(paths['config'], 'w') as f:
-        f.write(CONFIG.format(vae=paths['vae'], nnet=TINY, stats=paths['stats'], n=N, batch=BATCH,
-                              inception=paths['inception']))
+    paths['config'] = write_config(
+        os.path.join(root, 'tiny_eval.py'), seed=7, z_shape=(4, 4, 4),  # the tiny VAE upsamples x2: 8x8 images
+        autoencoder=dict(pretrained_path=paths['vae']), nnet=TINY,
+        dataset=dict(name='imagenet256_features', path='unused', fid_stat=paths['stats']),
+        sample=dict(sample_steps=50, n_samples=N, mini_batch_size=BATCH, algorithm='dpm_solver', cfg=True,
+                    scale=0.4, path='', inception_path=paths['inception']))
     return paths
 
 

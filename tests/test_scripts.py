@@ -14,20 +14,12 @@ from libs import get_nnet
 from libs.autoencoder import load_autoencoder
 from libs.datasets import ImageNet, LatentFeatures
 from test_autoencoder import SMALL, random_ldm_state_dict
+from tiny_assets import write_config
 
 EXTRACT = str(ROOT / 'scripts' / 'extract_features.py')
 INSPECT = str(ROOT / 'scripts' / 'inspect_checkpoint.py')
 TINY = dict(name='Mamba_DiT_S_2', attention_head_dim=32, num_layers=3, in_channels=4, sample_size=4,
             num_embeds_ada_norm=10)
-TINY_CONFIG = '''
-import ml_collections
-
-
-def get_config():
-    config = ml_collections.ConfigDict()
-    config.nnet = ml_collections.ConfigDict({nnet!r})
-    return config
-'''
 
 
 @pytest.fixture(scope='module')
@@ -100,11 +92,11 @@ def test_extract_features_command_line_and_missing_vae(imagenet, tmp_path):
 def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp('inspect')
     config = root / 'tiny_dim.py'
-    config.write_text(TINY_CONFIG.format(nnet=TINY))
+    write_config(config, nnet=TINY)
     upsample = root / 'tiny_upsample.py'
-    upsample.write_text(TINY_CONFIG.format(nnet=dict(TINY, sample_size=8, num_patches=[16, 4, 4], multi_times=2)))
+    write_config(upsample, nnet=dict(TINY, sample_size=8, num_patches=[16, 4, 4], multi_times=2))
     deeper = root / 'tiny_deeper.py'
-    deeper.write_text(TINY_CONFIG.format(nnet=dict(TINY, num_layers=5)))
+    write_config(deeper, nnet=dict(TINY, num_layers=5))
     ckpt = root / '100.ckpt'
     ckpt.mkdir()
     torch.manual_seed(0)

@@ -7,64 +7,41 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from libs import get_nnet
 from libs.adm_metrics import save_reference
-from test_autoencoder import SMALL, random_ldm_state_dict
-from test_fid import random_inception_state_dict
+from tiny_assets import write_config, write_scoring_assets
 from training_runs import CPU_LAUNCH, records, run, run_and_kill_after
 
 N_FID = 4           # samples of the in-training FID (2 batches of 2: one per process with 2 processes)
 NNET = dict(name='Mamba_DiT_S_2', attention_head_dim=32, num_layers=3, in_channels=4, out_channels=4, patch_size=2,
             sample_size=4, num_embeds_ada_norm=1000)
-CONFIG = '''
-import ml_collections
-
-
-def d(**kwargs):
-    return ml_collections.ConfigDict(initial_dictionary=kwargs)
-
-
-def get_config():
-    config = ml_collections.ConfigDict()
-    config.seed = 7
-    config.z_shape = (4, 4, 4)  # the tiny VAE decodes them to 8x8 images
-    config.autoencoder = d(pretrained_path={vae!r})
-    config.gradient_accumulation_steps = 1
-    config.max_grad_norm = 1.0
-    config.train = d(n_steps=4, batch_size=4, mode='cond', log_interval=2, eval_interval=2, save_interval=2,
-                     fid_interval=2, num_workers=0, grid_columns=2)
-    config.optimizer = d(name='adamw', lr=1e-3, weight_decay=0.0, betas=(0.9, 0.99), eps=1e-8)
-    config.lr_scheduler = d(name='customized', warmup_steps=0)
-    config.nnet = d(**{nnet!r})
-    config.dataset = d(name='imagenet256_features', path={features!r}, cfg=True, p_uncond=0.1, fid_stat={stats!r})
-    config.sample = d(sample_steps=2, n_samples={n}, intermediate_n_samples={n}, mini_batch_size=2,
-                      algorithm='dpm_solver', cfg=True, scale=0.4, path='', inception_path={inception!r})
-    return config
-'''
 
 pytestmark = pytest.mark.filterwarnings('ignore::scipy.linalg.LinAlgWarning')
 
 
 @pytest.fixture(scope='module')
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp('fid_assets')
-    paths = {k: str(root / v) for k, v in dict(vae='autoencoder_kl_ema.pth', inception='pt_inception.pth',
-                                                  stats='fid_stats.npz', features='features',
-                                                  config='tiny_fid.py').items()}
-    torch.manual_seed(0)
-    torch.save(random_ldm_state_dict(**SMALL), paths['vae'])
-    torch.save(random_inception_state_dict(), paths['inception'])
-    rng = np.random.default_rng(0)
+    root = str(tmp_path_factory.mktemp('fid_assets'))
+    paths = write_scoring_assets(root)
+    paths.update(stats=os.path.join(root, 'fid_stats.npz'), features=os.path.join(root, 'features'))
     save_reference(paths['stats'], np.full(2048, 0.1), np.eye(2048))
     os.makedirs(paths['features'])
+    rng = np.random.default_rng(0)
     for i in range(16):                                  # moments (mean | logvar) and a label, the official format
         np.savez(os.path.join(paths['features'], f'{i}.npy.npz'),
                  z=rng.normal(size=(8, 4, 4)).astype(np.float32), label=np.int64(rng.integers(1000)))
-    with open(paths['config'], 'w') as f:
-        f.write(CONFIG.format(vae=paths['vae'], nnet=NNET, features=paths['features'], stats=paths['stats'],
-                              n=N_FID, inception=paths['inception']))
+    paths['config'] = write_config(
+        os.path.join(root, 'tiny_fid.py'), seed=7, z_shape=(4, 4, 4),    # the tiny VAE decodes them to 8x8 images
+        autoencoder=dict(pretrained_path=paths['vae']), gradient_accumulation_steps=1, max_grad_norm=1.0,
+        train=dict(n_steps=4, batch_size=4, mode='cond', log_interval=2, eval_interval=2, save_interval=2,
+                   fid_interval=2, num_workers=0, grid_columns=2),
+        optimizer=dict(name='adamw', lr=1e-3, weight_decay=0.0, betas=(0.9, 0.99), eps=1e-8),
+        lr_scheduler=dict(name='customized', warmup_steps=0), nnet=NNET,
+        dataset=dict(name='imagenet256_features', path=paths['features'], cfg=True, p_uncond=0.1,
+                     fid_stat=paths['stats']),
+        sample=dict(sample_steps=2, n_samples=N_FID, intermediate_n_samples=N_FID, mini_batch_size=2,
+                    algorithm='dpm_solver', cfg=True, scale=0.4, path='', inception_path=paths['inception']))
     get_nnet(**NNET)                                     # the config builds
     return paths
 
