@@ -1,5 +1,5 @@
 """Sample a trained DiM into a folder of PNGs and score it: FID, sFID, Inception Score, precision and recall
-(ADM's suite, libs/adm_metrics.py) against the config's reference file.
+(ADM's suite, libs/evaluation/adm_metrics.py) against the config's reference file.
 
     python eval_ldm_discrete.py --config=configs/imagenet256_H_DiM.py --nnet_path=PATH/nnet_ema.pth
     accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 eval_ldm_discrete.py \
@@ -13,7 +13,7 @@ sampled again and only its missing images written). The folder gets `run.json` (
 holding images of another run is refused unless --overwrite) and `results.json` (metrics, the ones that could not be
 computed and why, timings); --npz adds `samples.npz` (`arr_0`, uint8 N x H x W x 3), the input of ADM's TensorFlow
 evaluator. The network runs under the autocast of --mixed_precision, the sampler and the VAE decoder in fp32;
---config.compile=default (or max-autotune, reduce-overhead) runs it through torch.compile (libs/compile.py).
+--config.compile=default (or max-autotune, reduce-overhead) runs it through torch.compile (libs/model/compile.py).
 
 Every process scores its own share: the Inception features of the images it samples (in memory, from the same
 uint8 pixels that its PNG writer thread stores) and of the already-written batches dealt to it (read back), batch by
@@ -39,15 +39,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from libs import get_nnet
-from libs.adm_metrics import load_reference
-from libs.compile import check_compile_mode, compile_network
-from libs.config_loader import config_name
-from libs.fid import default_weights_path, load_inception
-from libs.sample_files import (NPZ_NAME, PngWriter, image_names, png_array, prepare_output_dir, read_png,
+from libs.evaluation.adm_metrics import load_reference
+from libs.model.compile import check_compile_mode, compile_network
+from libs.config import config_name
+from libs.evaluation.fid import default_weights_path, load_inception
+from libs.evaluation.sample_files import (NPZ_NAME, PngWriter, image_names, png_array, prepare_output_dir, read_png,
                                write_adm_npz, write_json)
-from libs.sample_scorer import SampleScorer, to_uint8
+from libs.evaluation.sample_scorer import SampleScorer, to_uint8
 from libs.sampling import generate, index_labels, index_noise, sampler_options, to_images
-from libs.weights import load_nnet_weights
+from libs.model.weights import load_nnet_weights
 
 FLAGS = flags.FLAGS
 # The last collective waits for the main process to write samples.npz (tens of GB at 512 px on a slow filesystem).
@@ -156,11 +156,11 @@ class FileChecks:
 
 def check_metric_files(config, inception_path, device, load):
     """Load what the score needs: ('fid', (reference, inception)) or ('digits', None)."""
-    # HOOK (digits demo): a pixel-space digits config is scored by libs/digits_report.py (classifier accuracy)
+    # HOOK (digits demo): a pixel-space digits config is scored by libs/evaluation/digits_report.py (classifier accuracy)
     # instead of FID, when that module exists.
     if config.dataset.name == 'digits':
         try:
-            import libs.digits_report  # noqa: F401
+            import libs.evaluation.digits_report  # noqa: F401
             return 'digits', None
         except ImportError:
             pass
@@ -172,7 +172,7 @@ def check_metric_files(config, inception_path, device, load):
 
 def digits_score(folder, plan):
     """The digits report's fields for the images in folder (main process)."""
-    from libs.digits_report import write_digits_report  # HOOK (digits demo), see check_metric_files
+    from libs.evaluation.digits_report import write_digits_report  # HOOK (digits demo), see check_metric_files
     images = []
     for i in range(plan.n):
         with Image.open(os.path.join(folder, f'{i}.png')) as img:
@@ -245,7 +245,7 @@ def run_evaluation(accelerator, config, nnet_path, output_dir=None, inception_pa
         metric, metric_assets = check_metric_files(config, inception_path, device, load)
         nnet = load(load_network, config, nnet_path)
         if config.get('autoencoder'):
-            from libs.autoencoder import load_autoencoder
+            from libs.data.autoencoder import load_autoencoder
             autoencoder = load(load_autoencoder, config.autoencoder.pretrained_path, device=device)
         load.raise_if_missing()
         if is_main:

@@ -15,7 +15,7 @@ config.sample.intermediate_n_samples samples (`fid<N>`; digits: the classifier r
 <workdir>/best.json; at the end, eval_ldm_discrete.py's full evaluation of the best checkpoint into
 <workdir>/eval/<step>.ckpt_nnet_ema. Every config.train.eval_interval steps (and the last), a sample grid.
 A step is scored after its checkpoint is committed; a run stopped in between scores it when resumed.
---config.compile=default (or max-autotune, reduce-overhead) compiles the training network in place (libs/compile.py;
+--config.compile=default (or max-autotune, reduce-overhead) compiles the training network in place (libs/model/compile.py;
 one process or DDP; the EMA network used for grids and scores stays eager).
 """
 import logging
@@ -27,8 +27,8 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from eval_ldm_discrete import FileChecks, raise_if_any_failed, run_evaluation
-from libs.config_loader import config_name
-from libs.run_logging import MetricLog, setup_logging
+from libs.config import config_name
+from libs.training.run_logging import MetricLog, setup_logging
 from libs.training.config import check_config, fid_interval
 from libs.training.data import TrainData
 from libs.training.evaluation import DIGITS_SCORES, Evaluator, broadcast_from_main

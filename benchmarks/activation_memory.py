@@ -4,7 +4,7 @@
 
 Saved bytes are measured as issue 13 did: a 3-layer DiM of each width at L = 366 tokens (16x16 grid), the distinct
 storages autograd keeps for backward (torch.autograd.graph.saved_tensors_hooks, parameters excluded) at batch 3 minus
-batch 1, divided by 2 * L * 3; in fp32 and under CPU bf16 autocast; next to the design figure of libs/memory_estimate.py
+batch 1, divided by 2 * L * 3; in fp32 and under CPU bf16 autocast; next to the design figure of libs/model/memory_estimate.py
 for the same 3-layer model and the per-block figures. --peak also measures the peak-memory slope over batch (max RSS of
 fresh processes) at the largest width, which calibrates the working-set term of the estimate. Then the table of every
 training config at its official per-GPU batch (train.batch_size / 8; the digits demo: one process).
@@ -22,8 +22,8 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, ROOT)
 from libs import get_nnet                                    # noqa: E402
-from libs.config_loader import config_name, load_config      # noqa: E402
-from libs.memory_estimate import (GPU_BYTES, OFFICIAL_GPUS, SavedBytes, block_bytes_per_sample,  # noqa: E402
+from libs.config import config_name, load_config      # noqa: E402
+from libs.model.memory_estimate import (GPU_BYTES, OFFICIAL_GPUS, SavedBytes, block_bytes_per_sample,  # noqa: E402
                                   block_bytes_per_token, config_memory_estimate, head_bytes_per_image_token)
 
 GRID, LAYERS = 16, 3                     # L = 2 + 3 + 19 * 19 = 366 tokens, as in the issue
@@ -53,7 +53,7 @@ def saved_per_token_per_layer(model, autocast):
 
 
 def design_per_token_per_layer(model, operand_bytes):
-    """The same figure from libs/memory_estimate.py (blocks, head on the image tokens, per-sample terms)."""
+    """The same figure from libs/model/memory_estimate.py (blocks, head on the image tokens, per-sample terms)."""
     D, blocks = model.width, model.transformer_blocks
     per_token = sum(block_bytes_per_token(D, 2, operand_bytes, b.skip_linear is not None) for b in blocks)
     per_sample = len(blocks) * block_bytes_per_sample(D) + GRID ** 2 * head_bytes_per_image_token(D, operand_bytes)

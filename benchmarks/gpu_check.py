@@ -27,7 +27,7 @@ budget is spent the rest are skipped with a note); the JSON is rewritten after e
   model_eager     DiM-H/2 forward img/s vs its GEMM bound, 50-step CFG sampling img/s, FID-50k cost; 256 and 512
   host_syncs      torch.cuda.set_sync_debug_mode around real training steps (issue 13)
   train_256       DiM-H/2 bf16 training step at the largest batch that fits, with/without checkpointing
-  model_compiled  as model_eager through libs/compile.py
+  model_compiled  as model_eager through libs/model/compile.py
   scan_sweep      Triton knobs one at a time around the defaults
   train_512       as train_256 at 512
 While the first sections run, background processes compile the Triton kernels of the scan_speed shapes (Triton

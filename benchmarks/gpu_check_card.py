@@ -112,7 +112,7 @@ def _backend(name):
 def _mixer_pass(width, batch, L, dev):
     """A MambaMixer (seed 0) forward + backward under bf16 autocast: (out, grad of the input)."""
     import torch
-    from libs.mamba_mixer import MambaMixer
+    from libs.model.mixer import MambaMixer
     torch.manual_seed(0)
     mixer = MambaMixer(width).to(dev)
     u = torch.randn(batch, L, width, generator=torch.Generator().manual_seed(1)).to(dev).requires_grad_()
@@ -274,7 +274,7 @@ def dispatch(ctx):
 
 def _tiny_dim(model, dev, seed):
     import torch
-    from libs.nnet import build_nnet
+    from libs.model.build import build_nnet
     torch.manual_seed(seed)
     with torch.device(dev):
         return build_nnet('Mamba_DiT_S_2', **model)
@@ -293,7 +293,7 @@ def _train_steps(s, dev, first, last, start=None, snapshot_at=None):
     Returns (flat fp32 weights, snapshot taken before step `snapshot_at` or None)."""
     import torch
     import sde
-    from libs.optim import make_optimizer
+    from libs.training.optimizer import make_optimizer
     from libs.training.rng import RunRNG
     net = _tiny_dim(s['model'], dev, seed=0 if start is None else 1)
     opt = make_optimizer(net.parameters(), lr=1e-3, weight_decay=0.03, betas=(0.99, 0.99), eps=1e-15, fused=True)

@@ -1,7 +1,7 @@
 """gpu_check sections of the whole network: DiM-H/2 throughput, sampling, host syncs, training steps.
 
 model_eager / model_compiled  DiM-H/2 with random weights (config.nnet of configs/imagenet256_H_DiM.py and
-    imagenet512_H_DiM_ft.py, read without ml_collections), bf16 autocast, eager or through libs/compile.py: forward
+    imagenet512_H_DiM_ft.py, read without ml_collections), bf16 autocast, eager or through libs/model/compile.py: forward
     throughput (img/s) and 50-step CFG DPM-Solver sampling (libs/sampling.generate, one batched cond + uncond call per
     step) images/s; the bound set by the forward's GEMM FLOPs (counted by torch's FlopCounterMode, and by formula)
     at the card's measured bf16 matmul rate; the cost of a 50k-sample FID run in GPU-hours from the sampling rate
@@ -29,7 +29,7 @@ GEMM_OPS = ('mm', 'addmm', 'bmm', 'baddbmm')
 def _build(ctx, res):
     """(network on the device in eval mode, latent shape, guidance scale, num_classes) for resolution `res`."""
     import torch
-    from libs.nnet import build_nnet
+    from libs.model.build import build_nnet
     s = ctx.sizes('model')
     name = s['resolutions'][res]['config']
     kwargs = nnet_kwargs(name)
@@ -137,7 +137,7 @@ def _measure_network(ctx, net, res, shape, guidance, K, compiled_from=None):
 
 def _model_section(ctx, compiled):
     import torch
-    from libs.compile import compile_network
+    from libs.model.compile import compile_network
     from libs.scan import scan_backend
     ctx.save(scan_backend=scan_backend(ctx.device), compile_mode='default' if compiled else 'none')
     s = ctx.sizes('model')
@@ -216,7 +216,7 @@ def host_syncs(ctx):
     if ctx.dry:
         os.environ['ACCELERATE_USE_CPU'] = '1'
     from benchmarks.train_step import SyntheticLatents
-    from libs.config_loader import load_config
+    from libs.config import load_config
     from libs.training.launch import configure_cuda, make_accelerator
     from libs.training.state import TrainState
     from libs.training.step import StepValues, TrainStep

@@ -191,7 +191,7 @@ def config_literals(name):
 
 
 def nnet_kwargs(name):
-    """config.nnet of configs/<name>.py as keyword arguments of libs.nnet.build_nnet (random weights: no
+    """config.nnet of configs/<name>.py as keyword arguments of libs.model.build.build_nnet (random weights: no
     pretrained_path)."""
     kwargs = dict(config_literals(name)['nnet'])
     kwargs.pop('pretrained_path', None)

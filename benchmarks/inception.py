@@ -1,4 +1,4 @@
-"""Speed of the FID Inception (libs/fid.py FIDInception, channels-last) against the same network in NCHW, the layout
+"""Speed of the FID Inception (libs/evaluation/fid.py FIDInception, channels-last) against the same network in NCHW, the layout
 it ran in before, per image, for each thread count.
 
     python benchmarks/inception.py [--batch 50] [--threads 1 2] [--repeats 2] [--out benchmarks/results/inception.json]
@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 from benchmarks.machine import cpu_name                  # noqa: E402
-from libs.fid import FIDInception, fid_inception_v3     # noqa: E402
+from libs.evaluation.fid import FIDInception, fid_inception_v3     # noqa: E402
 
 
 def seconds_per_image(model, h, repeats):

@@ -6,7 +6,7 @@
 For each token grid g (latent 2g x 2g, patch 2) it times the forward pass (sampling) and forward+backward
 (training), in the same process, of:
   dim            DiM, eager;
-  dim_compiled   DiM through libs/compile.py (`compile_network`, one graph per grid);
+  dim_compiled   DiM through libs/model/compile.py (`compile_network`, one graph per grid);
   dim_gemm_only  the same DiM's GEMMs alone, same weights and shapes (patch embedding, per block the skip
                  projection, in_proj, x_proj, dt_proj, out_proj, then the output projection): no scan, no norms,
                  no conv, no elementwise work, no re-ordering (the per-sample conditioning GEMMs, batch rows only,
@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 from libs import get_nnet                                  # noqa: E402
-from libs.compile import COMPILE_MODES, compile_network    # noqa: E402
-from libs.dim import N_EXTRA                               # noqa: E402
+from libs.model.compile import COMPILE_MODES, compile_network    # noqa: E402
+from libs.model.dim import N_EXTRA                               # noqa: E402
 from libs.scan import scan_backend                         # noqa: E402
 
 VARIANTS = ('dim', 'dim_compiled', 'dim_gemm_only', 'attn', 'attn_compiled')

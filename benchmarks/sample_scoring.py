@@ -1,4 +1,4 @@
-"""Cost of scoring generated images per 1,000 images: in memory (uint8 -> FID Inception, libs/sample_scorer.py)
+"""Cost of scoring generated images per 1,000 images: in memory (uint8 -> FID Inception, libs/evaluation/sample_scorer.py)
 against the PNG path (write `{i}.png`, read the folder back with decoding workers, Inception), as eval did before.
 
     python benchmarks/sample_scoring.py [--n 100] [--sizes 32 256] [--batch 25] [--weights PATH] [--out DIR]
@@ -21,9 +21,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 from benchmarks.machine import cpu_name                          # noqa: E402
 from libs import get_nnet                                        # noqa: E402
-from libs.fid import FIDInception, fid_inception_v3, folder_loader, load_inception   # noqa: E402
-from libs.sample_files import png_array, write_png               # noqa: E402
-from libs.sample_scorer import SampleScorer, to_uint8            # noqa: E402
+from libs.evaluation.fid import FIDInception, fid_inception_v3, folder_loader, load_inception   # noqa: E402
+from libs.evaluation.sample_files import png_array, write_png               # noqa: E402
+from libs.evaluation.sample_scorer import SampleScorer, to_uint8            # noqa: E402
 from libs.sampling import generate, index_noise                  # noqa: E402
 
 TINY = dict(name='Mamba_DiT_S_2', attention_head_dim=32, num_layers=3, in_channels=3, sample_size=32,

@@ -3,7 +3,7 @@
     python benchmarks/sampling.py [--configs digits_DiM_tiny cifar10_S_DiM] [--out benchmarks/results]
 
 For each config: a randomly initialised network of the config's size, the config's DPM-Solver with guidance
-(one batched cond + uncond call per step), eager vs compiled through libs/compile.py (`compile_network`, the helper
+(one batched cond + uncond call per step), eager vs compiled through libs/model/compile.py (`compile_network`, the helper
 train and eval use; `--compile MODE`), fp32 vs bf16 autocast. Writes sampling.json.
 """
 import argparse
@@ -18,8 +18,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import sde                                      # noqa: E402
 from libs import get_nnet                       # noqa: E402
-from libs.compile import COMPILE_MODES, compile_network  # noqa: E402
-from libs.config_loader import load_config      # noqa: E402
+from libs.model.compile import COMPILE_MODES, compile_network  # noqa: E402
+from libs.config import load_config      # noqa: E402
 from libs.scan import scan_backend    # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs')

@@ -79,7 +79,7 @@ def run_case(config, device='cpu', batch=None, gradient_checkpointing=None, bf16
         os.environ['ACCELERATE_USE_CPU'] = '1'
     sys.path.insert(0, ROOT)
     import torch
-    from libs.config_loader import load_config
+    from libs.config import load_config
     from libs.training import launch
     from libs.training.state import TrainState
     from libs.training.step import TrainStep

@@ -34,9 +34,9 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, ROOT)
 from benchmarks.machine import cpu_name                          # noqa: E402
-from libs.adm_metrics import save_reference                      # noqa: E402
-from libs.autoencoder import ldm_vae_layout                      # noqa: E402
-from libs.fid import fid_inception_v3                            # noqa: E402
+from libs.evaluation.adm_metrics import save_reference                      # noqa: E402
+from libs.data.autoencoder import ldm_vae_layout                      # noqa: E402
+from libs.evaluation.fid import fid_inception_v3                            # noqa: E402
 
 SCRIPT = os.path.join(os.path.abspath(ROOT), 'train_ldm_discrete.py')
 ACCELERATE = (sys.executable, '-m', 'accelerate.commands.accelerate_cli', 'launch', '--multi_gpu',

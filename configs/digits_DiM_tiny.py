@@ -15,7 +15,7 @@ def d(**kwargs):
 def get_config():
     config = ml_collections.ConfigDict()
     config.seed = 1234
-    config.compile = 'none'          # or 'default', 'max-autotune', 'reduce-overhead': torch.compile (libs/compile.py)
+    config.compile = 'none'          # or 'default', 'max-autotune', 'reduce-overhead': torch.compile (libs/model/compile.py)
     config.pred = 'noise_pred'
     config.z_shape = (1, 16, 16)
     config.gradient_accumulation_steps = 1

@@ -9,7 +9,7 @@ def d(**kwargs):
 def get_config():
     config = ml_collections.ConfigDict()
     config.seed = 1234
-    config.compile = 'none'          # or 'default', 'max-autotune', 'reduce-overhead': torch.compile (libs/compile.py)
+    config.compile = 'none'          # or 'default', 'max-autotune', 'reduce-overhead': torch.compile (libs/model/compile.py)
     config.pred = 'noise_pred'
     config.z_shape = (4, 64, 64)
     config.autoencoder = d(pretrained_path='assets/stable-diffusion/autoencoder_kl_ema.pth')
@@ -17,7 +17,7 @@ def get_config():
     config.gradient_accumulation_steps = 2
     config.max_grad_norm = 1.0
     # On: without it the official per-GPU batch needs more than an 80 GB card holds under DDP (the sharded launches
-    # leave little headroom; libs/memory_estimate.py, python benchmarks/activation_memory.py prints the table).
+    # leave little headroom; libs/model/memory_estimate.py, python benchmarks/activation_memory.py prints the table).
     config.gradient_checkpointing = True
 
     config.train = d(n_steps=64000, batch_size=240, mode='cond',

@@ -17,7 +17,7 @@ def get_config():
     latent = base_latent * MULTI_TIMES
     config = ml_collections.ConfigDict()
     config.seed = 1234
-    config.compile = 'none'          # or 'default', 'max-autotune', 'reduce-overhead': torch.compile (libs/compile.py)
+    config.compile = 'none'          # or 'default', 'max-autotune', 'reduce-overhead': torch.compile (libs/model/compile.py)
     config.pred = 'noise_pred'
     config.z_shape = (4, latent, latent)
     config.autoencoder = d(pretrained_path='assets/stable-diffusion/autoencoder_kl_ema.pth')

@@ -1,4 +1,4 @@
 """DiM: Diffusion Mamba. `get_nnet(**config.nnet)` builds the backbone."""
-from .nnet import get_nnet
+from .model.build import get_nnet
 
 __all__ = ['get_nnet']

@@ -3,7 +3,7 @@
     python scripts/extract_features.py assets/datasets/ImageNet assets/datasets/imagenet256_features
     python scripts/extract_features.py assets/datasets/ImageNet assets/datasets/imagenet512_features --resolution 512
 
-Images are read as `libs.datasets.ImageNet` does (<root>/train/<wnid>/*.JPEG, ADM centre crop, label = index of the
+Images are read as `libs.data.datasets.ImageNet` does (<root>/train/<wnid>/*.JPEG, ADM centre crop, label = index of the
 sorted wnid) and encoded in fp32 with the KL-f8 autoencoder the official features came from (autoencoder_kl.pth).
 Moments are [mean (4) | logvar (4)] of shape (8, res/8, res/8), float32.
 
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from libs.autoencoder import load_autoencoder
-from libs.datasets import ImageNet
+from libs.data.autoencoder import load_autoencoder
+from libs.data.datasets import ImageNet
 
 log = logging.getLogger('extract_features')
 SUFFIX = {'official': '.npy.npz', 'uvit': '.npy'}

@@ -1,4 +1,4 @@
-"""Reference file of a set of images for FID and the rest of ADM's suite (libs/adm_metrics.py).
+"""Reference file of a set of images for FID and the rest of ADM's suite (libs/evaluation/adm_metrics.py).
 
 The images are a folder of PNG/JPG files (all one size) or an ``.npz`` array: uint8 in [0,255] (as ADM's reference
 batches' ``arr_0``) or float in [0,1], laid out NHWC or NCHW with 3 channels. The output ``.npz`` holds ``mu``,
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from libs.adm_metrics import PR_REFERENCE_SIZE, save_reference
-from libs.fid import StreamingMoments, default_weights_path, folder_loader, load_inception
+from libs.evaluation.adm_metrics import PR_REFERENCE_SIZE, save_reference
+from libs.evaluation.fid import StreamingMoments, default_weights_path, folder_loader, load_inception
 
 log = logging.getLogger("fid_reference_stats")
 

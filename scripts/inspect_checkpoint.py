@@ -18,8 +18,8 @@ import os
 import torch
 
 from libs import get_nnet
-from libs.config_loader import config_name, load_config
-from libs.weights import strip_wrapper_prefixes, read_state_dict
+from libs.config import config_name, load_config
+from libs.model.weights import strip_wrapper_prefixes, read_state_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_EXTRA = 2  # time and class rows of the positional table

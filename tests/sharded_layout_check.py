@@ -10,8 +10,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from libs import get_nnet  # noqa: E402
-from libs.config_loader import load_config  # noqa: E402
-from libs.optim import make_optimizer  # noqa: E402
+from libs.config import load_config  # noqa: E402
+from libs.training.optimizer import make_optimizer  # noqa: E402
 from libs.training.ema import EMA  # noqa: E402
 from libs.training.launch import forward_autocast, make_accelerator, sharding_kind  # noqa: E402
 from libs.training.sharding import ParamLayout  # noqa: E402

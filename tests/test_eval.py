@@ -15,9 +15,9 @@ from PIL import Image
 import eval_ldm_discrete as ev
 from conftest import ROOT
 from libs import get_nnet
-from libs.adm_metrics import load_reference, sample_metrics, save_reference
-from libs.config_loader import load_config
-from libs.fid import FEATURE_DIMS, load_inception
+from libs.evaluation.adm_metrics import load_reference, sample_metrics, save_reference
+from libs.config import load_config
+from libs.evaluation.fid import FEATURE_DIMS, load_inception
 from tiny_assets import write_config, write_scoring_assets
 
 SCRIPT = str(ROOT / 'eval_ldm_discrete.py')
@@ -193,15 +193,15 @@ def test_results_name_the_metrics_the_reference_cannot_give(assets, tmp_path, fa
 
 
 def test_a_failed_png_write_stops_the_run(assets, tmp_path, fast_fid, monkeypatch):
-    import libs.sample_files
+    import libs.evaluation.sample_files
 
     def failing_write(array, path):
         if path.endswith('/4.png'):
             raise OSError('disk full')
         real_write(array, path)
 
-    real_write = libs.sample_files.write_png
-    monkeypatch.setattr(libs.sample_files, 'write_png', failing_write)
+    real_write = libs.evaluation.sample_files.write_png
+    monkeypatch.setattr(libs.evaluation.sample_files, 'write_png', failing_write)
     with pytest.raises(RuntimeError, match='writing sample PNGs failed: disk full'):
         run_in_process(assets, tmp_path / 'out')
     assert not (tmp_path / 'out' / 'results.json').exists() and not (tmp_path / 'out' / '4.png').exists()
@@ -292,7 +292,7 @@ def test_labels_and_batches_depend_only_on_indices(assets):
 
 
 def test_pixel_space_digits_config_writes_the_digits_report(assets, tmp_path, monkeypatch):
-    import libs.digits_report
+    import libs.evaluation.digits_report
     calls = []
 
     def fake_report(images, labels, out_dir, extra=None):    # the real one trains a classifier (~15 s)
@@ -302,7 +302,7 @@ def test_pixel_space_digits_config_writes_the_digits_report(assets, tmp_path, mo
             json.dump({'sample_accuracy': 0.5}, f)
         return path
 
-    monkeypatch.setattr(libs.digits_report, 'write_digits_report', fake_report)
+    monkeypatch.setattr(libs.evaluation.digits_report, 'write_digits_report', fake_report)
     config = tiny_config(assets, n_samples=3)
     del config['autoencoder']
     config.z_shape = (1, 8, 8)
@@ -324,7 +324,7 @@ def test_compiled_network_gives_the_eager_images(assets, tmp_path, fast_fid, cap
     eager = run_in_process(assets, tmp_path / 'eager', tiny_config(assets, n_samples=4))
     config = tiny_config(assets, n_samples=4)
     config.compile = 'default'
-    with caplog.at_level('INFO', logger='libs.compile'):
+    with caplog.at_level('INFO', logger='libs.model.compile'):
         compiled = run_in_process(assets, tmp_path / 'compiled', config)
     assert any("torch.compile mode 'default', fullgraph=True" in r.getMessage() for r in caplog.records)
     for i in range(4):

@@ -232,7 +232,7 @@ CONFIG_NAMES = ['imagenet256_H_DiM', 'imagenet512_H_DiM_ft', 'imagenet256_L_DiM'
 
 @pytest.mark.parametrize('name', CONFIG_NAMES)
 def test_config_literals_are_the_configs_values(name):
-    from libs.config_loader import load_config
+    from libs.config import load_config
     config = load_config(os.path.join(ROOT, 'configs', f'{name}.py'))
     lit = config_literals(name)
     assert lit['nnet'] == config.nnet.to_dict()
@@ -248,7 +248,7 @@ def test_a_config_without_a_literal_nnet_is_an_error():
 
 def test_nnet_kwargs_build_dim_h2():
     import torch
-    from libs.nnet import build_nnet
+    from libs.model.build import build_nnet
     for name, grid in (('imagenet256_H_DiM', 16), ('imagenet512_H_DiM_ft', 32)):
         with torch.device('meta'):
             net = build_nnet(**nnet_kwargs(name))

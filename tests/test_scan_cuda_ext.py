@@ -9,7 +9,7 @@ import torch
 
 import kernel_standins as standins
 import libs.scan as ss
-from libs.mamba_mixer import MambaMixer
+from libs.model.mixer import MambaMixer
 from libs.scan import cuda_ext
 from reference_ops import max_rel_err, scan_inputs, sequential_scan
 

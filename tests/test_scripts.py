@@ -11,9 +11,9 @@ from PIL import Image
 
 from conftest import ROOT
 from libs import get_nnet
-from libs.autoencoder import load_autoencoder
-from libs.datasets import ImageNet, LatentFeatures
-from test_autoencoder import SMALL, random_ldm_state_dict
+from libs.data.autoencoder import load_autoencoder
+from libs.data.datasets import ImageNet, LatentFeatures
+from test_data_autoencoder import SMALL, random_ldm_state_dict
 from tiny_assets import write_config
 
 EXTRACT = str(ROOT / 'scripts' / 'extract_features.py')

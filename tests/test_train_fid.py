@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from libs import get_nnet
-from libs.adm_metrics import save_reference
+from libs.evaluation.adm_metrics import save_reference
 from tiny_assets import write_config, write_scoring_assets
 from training_runs import CPU_LAUNCH, records, run, run_and_kill_after
 

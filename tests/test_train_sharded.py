@@ -8,8 +8,8 @@ import torch
 
 from conftest import ROOT
 from libs import get_nnet
-from libs.checkpoint import FILES
-from libs.config_loader import load_config
+from libs.training.checkpoint import FILES
+from libs.config import load_config
 from training_runs import records, run, run_and_kill_after, same_tree, sharded_launcher, state
 
 MODES = ['fsdp1', 'fsdp2', 'zero2', 'zero2_bf16']

@@ -2,7 +2,7 @@
 import pytest
 
 from conftest import ROOT
-from libs.config_loader import load_config
+from libs.config import load_config
 from libs.training.config import ConfigError, check_batch_split, check_config
 
 CONFIGS = sorted(p for p in (ROOT / 'configs').glob('*.py') if 'upsample' not in p.name)

@@ -3,7 +3,7 @@ pinned memory only where there is a CUDA device to copy to."""
 import torch
 
 from conftest import ROOT
-from libs.config_loader import load_config
+from libs.config import load_config
 from libs.training.data import TrainData
 from libs.training.rng import RunRNG
 

@@ -1,7 +1,7 @@
 """The EMA over a parameter layout, in one process (the sharded layouts run in tests/test_train_sharded.py)."""
 import torch
 
-from libs.optim import make_ema
+from libs.training.optimizer import make_ema
 from libs.training.ema import EMA
 from libs.training.sharding import ParamLayout
 

@@ -7,7 +7,7 @@ from accelerate.utils import DistributedType
 
 from conftest import ROOT
 from libs import get_nnet
-from libs.config_loader import load_config
+from libs.config import load_config
 from libs.training.launch import (LaunchError, _configure_deepspeed, check_compile, check_launch, forward_autocast,
                                   sharding_kind)
 

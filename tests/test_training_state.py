@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import ROOT
-from libs.autoencoder import FrozenAutoencoder
-from libs.checkpoint import CheckpointError
-from libs.config_loader import load_config
+from libs.data.autoencoder import FrozenAutoencoder
+from libs.training.checkpoint import CheckpointError
+from libs.config import load_config
 from libs.training.data import TrainData
 from libs.training.launch import make_accelerator
 from libs.training.rng import RunRNG

@@ -8,8 +8,8 @@ import torch
 import train_ldm_discrete as train
 from conftest import ROOT
 from host_syncs import HostSyncCounter, adamw_step_counters
-from libs.config_loader import load_config
-from libs.run_logging import read_metrics
+from libs.config import load_config
+from libs.training.run_logging import read_metrics
 from libs.training.launch import make_accelerator
 from libs.training.step import StepValues
 

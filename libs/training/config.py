@@ -6,7 +6,7 @@ problem found at once. `check_batch_split` needs the process count (after the Ac
 import math
 import numbers
 
-from libs.compile import COMPILE_MODES
+from libs.model.compile import COMPILE_MODES
 
 __all__ = ['ConfigError', 'check_config', 'check_batch_split', 'TRAIN_KEYS', 'fid_interval', 'intermediate_n_samples',
            'INTERMEDIATE_N_SAMPLES']

@@ -1,6 +1,6 @@
 """The data side of a training run: data set, autoencoder, and each process's stream of training latents.
 
-Micro-batch s of process r is a fixed slice of a seeded permutation (libs.batching.StepBatchSampler), flips and
+Micro-batch s of process r is a fixed slice of a seeded permutation (libs.data.batching.StepBatchSampler), flips and
 label dropout come from the run's `data` generator and the autoencoder's posterior samples from its `device`
 generator (libs.training.rng), so a resumed run sees exactly the batches an uninterrupted one would. The sampler
 and those draws run in the training process, the DataLoader workers only load items: the number of workers does
@@ -18,8 +18,8 @@ import os
 
 import torch
 
-from libs.batching import StepBatchSampler
-from libs.datasets import augment_batch, get_dataset
+from libs.data.batching import StepBatchSampler
+from libs.data.datasets import augment_batch, get_dataset
 
 __all__ = ['TrainData', 'latent_shape']
 
@@ -46,7 +46,7 @@ class TrainData:
         self.dataset = get_dataset(**config.dataset)
         self.autoencoder = None
         if config.get('autoencoder'):
-            from libs.autoencoder import load_autoencoder
+            from libs.data.autoencoder import load_autoencoder
             self.autoencoder = load_autoencoder(config.autoencoder.pretrained_path, device=device)
         elif self.dataset.kind == 'moments':
             raise ValueError(f"data set {config.dataset.name!r} holds latents: config.autoencoder is required")

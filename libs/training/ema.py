@@ -8,14 +8,14 @@ weights are assembled for a checkpoint (`full_state_dict`) or a sampling module 
 """
 import torch
 
-from libs.optim import ema_lerp_
+from libs.training.optimizer import ema_lerp_
 
 __all__ = ['EMA']
 
 
 class EMA:
     """EMA over `layout` (libs.training.sharding.ParamLayout). Unsharded: `module` is the EMA network (an fp32 copy
-    made with libs.optim.make_ema before accelerate wraps the model). Sharded: `build_model()` makes a network of
+    made with libs.training.optimizer.make_ema before accelerate wraps the model). Sharded: `build_model()` makes a network of
     the same config (built on the meta device) for the sampling module."""
 
     def __init__(self, layout, module=None, build_model=None):

@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from torchvision.utils import save_image
 
-from libs.run_logging import plot_loss_curve, plot_score_curve
-from libs.sample_scorer import to_uint8
+from libs.training.run_logging import plot_loss_curve, plot_score_curve
+from libs.evaluation.sample_scorer import to_uint8
 from libs.sampling import generate, grid_labels, index_batches, index_noise, sampler_options, to_images
 
 __all__ = ['Evaluator', 'gather_images', 'broadcast_from_main', 'DIGITS_SCORES']
@@ -102,7 +102,7 @@ class Evaluator:
     def digits_report(self, ema, step, train_info):
         """report.json: classifier accuracy and Fréchet distance of EMA samples, n per class (libs/digits_report).
         Returns ({'sample_accuracy', 'frechet_distance_digits'}, report path) on every process."""
-        from libs.digits_report import write_digits_report
+        from libs.evaluation.digits_report import write_digits_report
         n_per_class = self.config.train.get('report_per_class', 50)
         labels = torch.arange(self.K).repeat_interleave(n_per_class)
         options = sampler_options(self.config, self.K)

@@ -5,7 +5,7 @@ samples: sample i's noise and label depend only on (config.seed, i) (libs.sampli
 fixed batches of config.sample.mini_batch_size indices are dealt round-robin to the processes, and the config's
 sampler, steps and guidance are used; the network runs under the launch's autocast, the sampler and the decoder in
 fp32. Each process decodes its images, quantises them to uint8 as a PNG would hold them and computes their
-Inception features in memory (libs.sample_scorer.SampleScorer; nothing is written); the features are gathered by
+Inception features in memory (libs.evaluation.sample_scorer.SampleScorer; nothing is written); the features are gathered by
 sample index and every process computes the same metrics. The FID at a step is therefore the same whatever the
 process count, and equals eval_ldm_discrete.py's on the checkpoint's nnet_ema.pth with n_samples = N.
 """
@@ -16,9 +16,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from libs.adm_metrics import load_reference
-from libs.fid import load_inception
-from libs.sample_scorer import SampleScorer, to_uint8
+from libs.evaluation.adm_metrics import load_reference
+from libs.evaluation.fid import load_inception
+from libs.evaluation.sample_scorer import SampleScorer, to_uint8
 from libs.sampling import generate, index_batches, index_labels, index_noise, sampler_options, to_images
 from libs.training.config import intermediate_n_samples
 
@@ -40,7 +40,7 @@ def load_fid_files(config, device, load):
 
 class TrainingFID:
     """`fid(ema, step) -> {'fid<N>': ..., 'sfid<N>', 'inception_score<N>', ...}` (the metrics the reference file
-    allows, libs.adm_metrics.sample_metrics), on every process (collective)."""
+    allows, libs.evaluation.adm_metrics.sample_metrics), on every process (collective)."""
 
     def __init__(self, config, reference, inception, autoencoder, rank, world_size, autocast=contextlib.nullcontext):
         self.config, self.reference, self.inception, self.autoencoder = config, reference, inception, autoencoder

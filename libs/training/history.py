@@ -13,7 +13,7 @@ import json
 import logging
 import os
 
-from libs.sample_files import write_json
+from libs.evaluation.sample_files import write_json
 from libs.training.config import ConfigError
 from libs.training.evaluation import broadcast_from_main
 

@@ -159,7 +159,7 @@ def configure_cuda(device):
     """On a CUDA device: TF32 for fp32 matmuls and cuDNN convolutions (used by Ampere and newer; NVIDIA_TF32_OVERRIDE=0
     in the environment turns it off) and cudnn.benchmark (the fastest convolution algorithms for the fixed training
     shapes), as the official training. Nothing elsewhere. Code that needs true fp32 (the FID Inception,
-    libs.fid.full_fp32) turns TF32 off around itself."""
+    libs.evaluation.fid.full_fp32) turns TF32 off around itself."""
     device = torch.device(device)
     if device.type != 'cuda':
         return

@@ -8,7 +8,7 @@ Checkpoint layout, `<workdir>/ckpts/<step>.ckpt/` (the released layout plus rng.
                              {'sharded_by', 'world_size', 'shards'} naming the per-process files
     optimizer.rank<r>.pth    sharded only: process r's optimizer shard, written by process r
 Writers are spread over the processes (nnet.pth: 0, nnet_ema.pth: 1, the unsharded optimizer.pth: 2) so that no
-process waits long for another at the barrier that precedes the atomic rename (libs.checkpoint).
+process waits long for another at the barrier that precedes the atomic rename (libs.training.checkpoint).
 
 Resume: every process opens the newest checkpoint it can read, memory-mapped (only its own optimizer shard), the
 processes agree on the newest step all of them can read, and each takes its parts. A checkpoint of another launch
@@ -23,10 +23,10 @@ import torch.distributed as dist
 from accelerate.utils import set_seed
 
 from libs import get_nnet
-from libs.compile import compile_in_place
-from libs.checkpoint import (FILES, CheckpointError, commit, latest_resumable, list_checkpoints, load_checkpoint,
+from libs.model.compile import compile_in_place
+from libs.training.checkpoint import (FILES, CheckpointError, commit, latest_resumable, list_checkpoints, load_checkpoint,
                              read_file, staging_dir, write_files)
-from libs.optim import make_ema, make_lr_scheduler, make_optimizer
+from libs.training.optimizer import make_ema, make_lr_scheduler, make_optimizer
 from libs.training.ema import EMA
 from libs.training.launch import sharding_kind
 from libs.training.optimizer_state import load_optimizer_state, optimizer_state

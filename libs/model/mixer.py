@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .scan import causal_conv1d, selective_scan
+from libs.scan import causal_conv1d, selective_scan
 
 __all__ = ['MambaMixer']
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from libs.datasets import augment_batch, center_crop_arr, get_dataset
+from libs.data.datasets import augment_batch, center_crop_arr, get_dataset
 
 
 def test_digits_are_resized_labelled_and_in_range():

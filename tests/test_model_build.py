@@ -6,7 +6,7 @@ import torch
 
 from conftest import MANIFESTS, ROOT, load_manifest
 from libs import get_nnet
-from libs.config_loader import load_config
+from libs.config import load_config
 
 CONFIGS = {p.stem.replace('manifest_', ''): p for p in MANIFESTS}
 

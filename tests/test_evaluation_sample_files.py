@@ -1,4 +1,4 @@
-"""libs/sample_files.py: the PNG writer thread (bounded, errors raised in the caller, atomic files) and the .npz that
+"""libs/evaluation/sample_files.py: the PNG writer thread (bounded, errors raised in the caller, atomic files) and the .npz that
 ADM's evaluator reads, read back here as that evaluator streams it."""
 import os
 import threading
@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-import libs.sample_files as sf
-from libs.sample_files import PngWriter, png_array, read_png, write_adm_npz, write_png
+import libs.evaluation.sample_files as sf
+from libs.evaluation.sample_files import PngWriter, png_array, read_png, write_adm_npz, write_png
 
 
 def random_images(n, h=6, w=5, seed=0):

@@ -1,4 +1,4 @@
-"""libs/sample_scorer.py with a random FID Inception saved by the test: quantisation as the PNGs, features by sample
+"""libs/evaluation/sample_scorer.py with a random FID Inception saved by the test: quantisation as the PNGs, features by sample
 index, and one vs two gloo processes giving bitwise the same features and metrics."""
 import numpy as np
 import pytest
@@ -8,10 +8,10 @@ import torch.multiprocessing as mp
 import torchvision
 from PIL import Image
 
-from libs.adm_metrics import Reference, sample_metrics
-from libs.fid import FEATURE_DIMS, load_inception
-from libs.sample_files import png_array, read_png, write_png
-from libs.sample_scorer import SampleScorer, to_uint8
+from libs.evaluation.adm_metrics import Reference, sample_metrics
+from libs.evaluation.fid import FEATURE_DIMS, load_inception
+from libs.evaluation.sample_files import png_array, read_png, write_png
+from libs.evaluation.sample_scorer import SampleScorer, to_uint8
 from test_fid import random_inception_state_dict
 
 N, BATCH = 5, 2

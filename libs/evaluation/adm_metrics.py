@@ -1,7 +1,7 @@
 """ADM's evaluation suite on FID-Inception features: Inception Score, sFID, improved precision / recall.
 
 Defined as openai/guided-diffusion's ``evaluations/evaluator.py`` computes them (the numbers DiT, SiT, MDT and REPA
-report), on the features of :meth:`libs.fid.FIDInception.activations` (see there how they relate to the TF graph's):
+report), on the features of :meth:`libs.evaluation.fid.FIDInception.activations` (see there how they relate to the TF graph's):
 
 - Inception Score: softmax over the 1008 bias-free logits, consecutive splits of 5,000 samples in index order
   (10 splits for 50,000 samples; a last shorter split is kept, as ADM does), mean over splits of

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from libs.optim import ema_update, make_ema, make_lr_scheduler, make_optimizer
+from libs.training.optimizer import ema_update, make_ema, make_lr_scheduler, make_optimizer
 
 
 def test_warmup_is_linear_then_constant_and_starts_at_zero():

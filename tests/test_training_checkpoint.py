@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from libs.checkpoint import (FILES, CheckpointError, DamagedCheckpoint, commit, latest_resumable, list_checkpoints,
+from libs.training.checkpoint import (FILES, CheckpointError, DamagedCheckpoint, commit, latest_resumable, list_checkpoints,
                              load_checkpoint, load_latest_checkpoint, read_file, save_checkpoint, staging_dir,
                              write_files)
 

@@ -1,4 +1,4 @@
-"""torch.compile of the whole DiM (libs/compile.py): one graph, no breaks, the eager result, forward and backward."""
+"""torch.compile of the whole DiM (libs/model/compile.py): one graph, no breaks, the eager result, forward and backward."""
 import logging
 import os
 
@@ -7,8 +7,8 @@ import torch
 
 import libs.scan as ss
 from libs import get_nnet
-from libs.compile import COMPILE_MODES, check_compile_mode, compile_network
-from libs.config_loader import load_config
+from libs.model.compile import COMPILE_MODES, check_compile_mode, compile_network
+from libs.config import load_config
 from libs.scan import cpu as scan_cpu
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs', 'digits_DiM_tiny.py')

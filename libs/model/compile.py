@@ -17,7 +17,7 @@ import logging
 
 import torch
 
-from .scan import scan_backend
+from libs.scan import scan_backend
 
 __all__ = ['COMPILE_MODES', 'check_compile_mode', 'compile_network', 'compile_in_place']
 

@@ -5,8 +5,8 @@ from torch.utils.checkpoint import checkpoint
 
 from conftest import ROOT
 from libs import get_nnet
-from libs.config_loader import load_config
-from libs.memory_estimate import (SavedBytes, block_bytes_per_sample, block_bytes_per_token, config_memory_estimate,
+from libs.config import load_config
+from libs.model.memory_estimate import (SavedBytes, block_bytes_per_sample, block_bytes_per_token, config_memory_estimate,
                                   head_bytes_per_image_token, sequence_length)
 
 TRAIN_CONFIGS = ['cifar10_S_DiM', 'digits_DiM_tiny', 'imagenet256_H_DiM', 'imagenet256_L_DiM', 'imagenet512_H_DiM_ft']

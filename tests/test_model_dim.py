@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from libs import get_nnet
-from libs.dim import DiM, DiMBlock, ModulatedRMSNorm
+from libs.model.dim import DiM, DiMBlock, ModulatedRMSNorm
 from reference_ops import dim_reference, max_rel_err, mixer_reference
-from test_mamba_mixer import mixer_forward_before
+from test_model_mixer import mixer_forward_before
 
 TINY = dict(name='Mamba_DiT_H_2', num_layers=5, num_embeds_ada_norm=10, sample_size=8)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from libs import get_nnet
-from libs.weights import load_nnet_weights
+from libs.model.weights import load_nnet_weights
 
 TINY = dict(name='Mamba_DiT_H_2', attention_head_dim=32, num_layers=3, num_embeds_ada_norm=5)
 

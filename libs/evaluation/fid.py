@@ -2,7 +2,7 @@
 
 Features are the 2048-d final average pool of ``pytorch_fid.inception.InceptionV3([3])``; statistics are
 (mu, sigma) in float64 as in U-ViT's ``fid_stats_*.npz`` files; the distance is pytorch-fid's.
-:meth:`FIDInception.activations` also gives the features of the rest of ADM's suite (libs/adm_metrics.py):
+:meth:`FIDInception.activations` also gives the features of the rest of ADM's suite (libs/evaluation/adm_metrics.py):
 the sFID spatial features and the 1008 Inception-Score logits, in the same forward pass.
 """
 from __future__ import annotations

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import libs.mamba_mixer as mamba_mixer
-from libs.mamba_mixer import MambaMixer
-from libs.memory_estimate import SavedBytes
+import libs.model.mixer as mamba_mixer
+from libs.model.mixer import MambaMixer
+from libs.model.memory_estimate import SavedBytes
 from libs.scan import causal_conv1d, selective_scan
 from reference_ops import max_rel_err
 

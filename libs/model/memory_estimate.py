@@ -82,7 +82,7 @@ def sequence_length(h, w, d_conv=3, extra_tokens=2):
 
 
 def _nnet_shape(config):
-    from .nnet import build_nnet
+    from .build import build_nnet
     kwargs = {k: v for k, v in config.nnet.to_dict().items() if k != 'pretrained_path'}
     with torch.device('meta'):
         model = build_nnet(**kwargs)

@@ -1,4 +1,4 @@
-"""libs/adm_metrics.py against independent implementations written here, hand-made cases with known answers, and
+"""libs/evaluation/adm_metrics.py against independent implementations written here, hand-made cases with known answers, and
 torch-fidelity (when installed) fed the same features."""
 import math
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-import libs.adm_metrics as am
-from libs.adm_metrics import (Reference, inception_score, knn_radii, load_reference, precision_recall,
+import libs.evaluation.adm_metrics as am
+from libs.evaluation.adm_metrics import (Reference, inception_score, knn_radii, load_reference, precision_recall,
                               sample_metrics, save_reference)
-from libs.fid import activation_statistics, frechet_distance, load_statistics
+from libs.evaluation.fid import activation_statistics, frechet_distance, load_statistics
 
 pytestmark = pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")
 

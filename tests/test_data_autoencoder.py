@@ -1,4 +1,4 @@
-"""libs.autoencoder: LDM-format KL VAE checkpoints loaded into diffusers' AutoencoderKL (no downloads)."""
+"""libs.data.autoencoder: LDM-format KL VAE checkpoints loaded into diffusers' AutoencoderKL (no downloads)."""
 import math
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-from libs.autoencoder import (KL_F8, SCALE_FACTOR, infer_ldm_vae_config, ldm_vae_layout, load_autoencoder)
+from libs.data.autoencoder import (KL_F8, SCALE_FACTOR, infer_ldm_vae_config, ldm_vae_layout, load_autoencoder)
 
 SMALL = dict(block_out_channels=(32, 64), layers_per_block=1)  # 16x16 images <-> 8x8 latents
 

@@ -3,7 +3,7 @@ import itertools
 
 import pytest
 
-from libs.batching import StepBatchSampler
+from libs.data.batching import StepBatchSampler
 
 
 def _take(sampler, n):

@@ -1,4 +1,4 @@
-"""libs.fid and scripts/fid_reference_stats.py against pytorch-fid, with random Inception weights (no downloads)."""
+"""libs.evaluation.fid and scripts/fid_reference_stats.py against pytorch-fid, with random Inception weights (no downloads)."""
 import logging
 import math
 import os
@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 from pytorch_fid.fid_score import calculate_frechet_distance, get_activations
 
-import libs.fid
-from libs.adm_metrics import load_reference
-from libs.fid import (FID_WEIGHTS_URL, StreamingMoments, activation_statistics, default_weights_path,
+import libs.evaluation.fid
+from libs.evaluation.adm_metrics import load_reference
+from libs.evaluation.fid import (FID_WEIGHTS_URL, StreamingMoments, activation_statistics, default_weights_path,
                       fid_from_folder, fid_inception_v3, folder_activations, frechet_distance, image_files,
                       load_inception, load_statistics, save_statistics, tensor_activations)
 
@@ -247,7 +247,7 @@ def test_fid_from_folder(tmp_path, weights_path, image_data, folder_acts, monkey
         calls.append(stats)
         return 1.5
 
-    monkeypatch.setattr(libs.fid, "frechet_distance", fake_distance)
+    monkeypatch.setattr(libs.evaluation.fid, "frechet_distance", fake_distance)
     fid = fid_from_folder(folder, str(tmp_path / "ref.npz"), weights_path=str(weights_path), batch_size=BATCH,
                           device="cpu", num_workers=0, progress=False)
     assert fid == 1.5 and len(calls) == 1

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .mamba_mixer import MambaMixer
+from .mixer import MambaMixer
 from .scan_order import layer_patterns, sequence_layout, skip_layers
 
 __all__ = ['DiM', 'timestep_sincos', 'interpolate_pos_table']
@@ -174,7 +174,7 @@ class DiMBlock(nn.Module):
         """u (B, L, D) fp32 in the previous layer's order; mod (B, 3, D); gather (L,) or None.
 
         recompute (with grad enabled): backward keeps u, not the fp32 norm intermediates, and only xz
-        inside the mixer (libs/memory_estimate.py); False under a whole-block checkpoint.
+        inside the mixer (libs/model/memory_estimate.py); False under a whole-block checkpoint.
         """
         if skip is not None:
             u = self.merge_skip(u, skip).float()

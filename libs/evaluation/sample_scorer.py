@@ -101,5 +101,5 @@ class SampleScorer:
         return torch.cat([part[:c].cpu() for part, c in zip(parts, counts)])
 
     def score(self, reference: Reference) -> tuple[dict[str, float], dict[str, str]]:
-        """Gathers (collective) and returns :func:`libs.adm_metrics.sample_metrics` of all samples, on every process."""
+        """Gathers (collective) and returns :func:`libs.evaluation.adm_metrics.sample_metrics` of all samples, on every process."""
         return sample_metrics(self.gather(), reference, self.device)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import MANIFESTS, load_manifest
-from libs.scan_order import layer_patterns, sequence_layout, skip_layers
+from libs.model.scan_order import layer_patterns, sequence_layout, skip_layers
 
 P, X = 3, 2
 
@@ -106,7 +106,7 @@ def test_unknown_pad_layout_is_rejected():
 def test_compiled_calls_never_rebuild_the_layout(monkeypatch):
     """Under torch.compile the lookup runs once, eagerly, at trace time; the graph holds the index tensors. A new
     grid is a new trace (the grid is specialised even when Dynamo makes the shapes dynamic)."""
-    import libs.scan_order as so
+    import libs.model.scan_order as so
     built = []
     init = so.SequenceLayout.__init__
     monkeypatch.setattr(so.SequenceLayout, '__init__', lambda self, *a: (built.append(a[:2]), init(self, *a))[1])
