@@ -296,15 +296,16 @@ ALGORITHMS = {
 
 
 @torch.no_grad()
-def sample(eps_fn, z, algorithm="dpm_solver", steps=50, y=None, guidance=0.0, null_class=None, **options):
+def sample(eps_fn, z, algorithm="dpm_solver", sample_steps=50, y=None, scale=0.0, null_class=None, **options):
     """Generate x0 from the initial noise z, shape (B, ...); the result has z's shape, dtype and device.
 
     z's dtype is the working dtype; eps_fn outputs are cast to it and the timesteps it gets are z's dtype (at
     least float32).
 
-    Algorithms (``steps`` = number of network evaluations for the first two, number of steps for the others):
+    The keywords are config.sample's keys (``algorithm``, ``sample_steps``, ``scale``, ``ug_*``).
+    Algorithms (``sample_steps`` = number of network evaluations for the first two, number of steps for the others):
       * ``dpm_solver``: DPM-Solver++ singlestep order 3 on the time-uniform grid 1 -> 1e-3 (``dpm_solver_grid``),
-        network called at N t, no final denoise. The official sampler of every ImageNet config (steps=50).
+        network called at N t, no final denoise. The official sampler of every ImageNet config (50 steps).
       * ``dpm_solver_upsample_g``: upsample guidance for a model sampled at multi_times x its training size, on
         the same grid with the noise-prediction DPM-Solver. Options ``multi_times`` (default 2), ``ug_theta`` (1),
         ``ug_eta`` (0.3), ``ug_T`` (1): see ``_upsample_guided``. z must be (B, C, H, W), H and W divisible by m.
@@ -312,7 +313,7 @@ def sample(eps_fn, z, algorithm="dpm_solver", steps=50, y=None, guidance=0.0, nu
         (a seeded torch.Generator) for its noise.
       * ``ddim``: deterministic DDIM over the same steps, for quick previews.
 
-    Classifier-free guidance: eps = eps_c + s (eps_c - eps_u) with s = ``guidance``, eps_u from labels
+    Classifier-free guidance: eps = eps_c + s (eps_c - eps_u) with s = ``scale``, eps_u from labels
     ``null_class``; s = 0.4 is "1.4" in the eps_u + w (eps_c - eps_u) convention (w = 1 + s). The conditional and
     unconditional passes are one eps_fn call on the batch concatenated as [x; x] with labels [y; null_class].
     """
@@ -322,21 +323,22 @@ def sample(eps_fn, z, algorithm="dpm_solver", steps=50, y=None, guidance=0.0, nu
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for algorithm {algorithm!r}; "
                          f"it accepts {list(ALGORITHMS[algorithm])}")
+    steps = sample_steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if guidance < 0:
-        raise ValueError(f"guidance must be >= 0, got {guidance!r}")
-    if guidance > 0 and (y is None or null_class is None):
-        raise ValueError(f"guidance={guidance!r} needs class labels y and null_class, got "
+        raise ValueError(f"sample_steps must be a positive integer, got {steps!r}")
+    if scale < 0:
+        raise ValueError(f"scale must be >= 0, got {scale!r}")
+    if scale > 0 and (y is None or null_class is None):
+        raise ValueError(f"scale={scale!r} (guidance) needs class labels y and null_class, got "
                          f"y={'None' if y is None else 'a tensor'} and null_class={null_class!r}")
-    eps = _guided_eps(eps_fn, y, guidance, null_class, z.dtype)
+    eps = _guided_eps(eps_fn, y, scale, null_class, z.dtype)
     N = SCHEDULE.N
     if algorithm == "dpm_solver":
         return _dpm_solver(lambda x, t: eps(x, N * t), z, steps, data_pred=True)
     if algorithm == "dpm_solver_upsample_g":
         return _dpm_solver(_upsample_guided(eps, z.shape, **options), z, steps, data_pred=False)
     if steps > N:
-        raise ValueError(f"{algorithm} takes at most N={N} steps, got steps={steps}")
+        raise ValueError(f"{algorithm} takes at most N={N} steps, got sample_steps={steps}")
     if algorithm == "ddim":
         return _ddim(eps, z, steps)
     return _ancestral(eps, z, steps, **options)

@@ -1,8 +1,8 @@
-"""Bytes saved for backward per token per layer, and the per-config training-memory estimate (issue 13 item 3).
+"""Bytes saved for backward per token per layer, and the per-config training-memory estimate.
 
     python benchmarks/activation_memory.py [--widths 96 512 1024 1536] [--peak] [--json PATH]
 
-Saved bytes are measured as issue 13 did: a 3-layer DiM of each width at L = 366 tokens (16x16 grid), the distinct
+Saved bytes are measured on a 3-layer DiM of each width at L = 366 tokens (16x16 grid), the distinct
 storages autograd keeps for backward (torch.autograd.graph.saved_tensors_hooks, parameters excluded) at batch 3 minus
 batch 1, divided by 2 * L * 3; in fp32 and under CPU bf16 autocast; next to the design figure of libs/model/memory_estimate.py
 for the same 3-layer model and the per-block figures. --peak also measures the peak-memory slope over batch (max RSS of

@@ -20,12 +20,12 @@ Sections, in this order (most important first), each in its own process with its
 past its budget is stopped and keeps what it had saved; one that fails records its traceback; once the total
 budget is spent the rest are skipped with a note); the JSON is rewritten after every section:
   card            device, copy bandwidth, bf16 matmul rate (benchmarks/gpu_check_card.py)
-  dispatch        issue 10 items 4, 5: backend choice, log once, slow-backend WARNING, optional kernels by keyword
-  rng             issue 10 item 7: per-rank CUDA generators, exact save/restore, bit-identical resume
+  dispatch        backend choice, log once, slow-backend WARNING, optional kernels by keyword
+  rng             per-rank CUDA generators, exact save/restore, bit-identical resume
   scan_parity     Triton vs chunked torch vs sequential, values and all gradients, fp32 and bf16
   scan_speed      scan fwd and fwd+bwd at the DiM shapes vs the bytes bound; mamba-ssm when installed
   model_eager     DiM-H/2 forward img/s vs its GEMM bound, 50-step CFG sampling img/s, FID-50k cost; 256 and 512
-  host_syncs      torch.cuda.set_sync_debug_mode around real training steps (issue 13)
+  host_syncs      torch.cuda.set_sync_debug_mode around real training steps
   train_256       DiM-H/2 bf16 training step at the largest batch that fits, with/without checkpointing
   model_compiled  as model_eager through libs/model/compile.py
   scan_sweep      Triton knobs one at a time around the defaults

@@ -1,13 +1,13 @@
-"""gpu_check sections about the card and the issue-10 CUDA paths: ceilings, backend dispatch, per-rank generators.
+"""gpu_check sections about the card and the CUDA-only paths: ceilings, backend dispatch, per-rank generators.
 
 card      device facts, copy bandwidth (a large device-to-device copy, bytes read + written) and the bf16 matmul rate
           (a large random bf16 product): the ceilings every bound in the other sections uses.
-dispatch  issue 10 items 4 and 5: the scan / conv backends `auto` picks on the device and that the choice is logged
+dispatch  the scan / conv backends `auto` picks on the device and that the choice is logged
           once; the WARNING when the dispatcher lands on the slow torch backend (fresh processes: Triton blocked
           under `auto`, and the torch backend forced); mamba-ssm / causal-conv1d through the dispatcher when
           installed, else mamba-ssm's and causal-conv1d's signatures (tests/kernel_standins.py) put in their place
           to drive the keyword calls and the opt-in probe on the device.
-rng       issue 10 item 7: RunRNG's device generators for ranks 0 and 1 differ, save/restore round-trips exactly,
+rng       RunRNG's device generators for ranks 0 and 1 differ, save/restore round-trips exactly,
           and a tiny DiM trained k steps, saved (model, optimizer, RunRNG) and resumed ends bit-identical to the
           uninterrupted run (a second uninterrupted run separates nondeterministic kernels from a resume bug).
 """

@@ -75,7 +75,7 @@ def _inputs(shape, batch, K, dev, seed=0):
 def _measure_network(ctx, net, res, shape, guidance, K, compiled_from=None):
     """Forward throughput and sampling rate of `net` (compiled_from: the eager network, for the output check)."""
     import torch
-    from libs.sampling import generate
+    from libs.sampling import SamplingSpec, generate
     s = ctx.sizes('model')
     rs = s['resolutions'][res]
     dev, kind = ctx.device, torch.device(ctx.device).type
@@ -114,14 +114,14 @@ def _measure_network(ctx, net, res, shape, guidance, K, compiled_from=None):
     if ctx.left() < 3 * (s['steps'] * 2 * timing['median_ms'] * nb / batch / 1e3) + 5:
         out['sampling'] = dict(skipped='section budget spent')
         return out
-    z, _, labels = _inputs(shape, nb, K, dev, seed=1)
-    options = dict(algorithm='dpm_solver', steps=s['steps'], guidance=guidance,
-                   null_class=K if guidance > 0 else None)
+    _, _, labels = _inputs(shape, nb, K, dev, seed=1)
+    spec = SamplingSpec(algorithm='dpm_solver', sample_steps=s['steps'], scale=guidance, num_classes=K,
+                        conditional=True, seed=1, z_shape=tuple(shape), mini_batch_size=nb)
     runs = []
     while len(runs) < s['sample_runs']:
         sync(dev)
         t0 = time.perf_counter()
-        lat = generate(net, z, labels, options, autocast=autocast)
+        lat = generate(net, spec, range(nb), labels, autocast=autocast)
         sync(dev)
         runs.append(time.perf_counter() - t0)
         if ctx.left() < 2 * runs[-1] + 5:

@@ -1,5 +1,5 @@
-"""Speed of the FID Inception (libs/evaluation/fid.py FIDInception, channels-last) against the same network in NCHW, the layout
-it ran in before, per image, for each thread count.
+"""Speed of the FID Inception (libs/evaluation/fid.py FIDInception, channels-last) against the same network in NCHW
+(torch's default layout), per image, for each thread count.
 
     python benchmarks/inception.py [--batch 50] [--threads 1 2] [--repeats 2] [--out benchmarks/results/inception.json]
 

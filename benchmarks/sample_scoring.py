@@ -1,5 +1,5 @@
 """Cost of scoring generated images per 1,000 images: in memory (uint8 -> FID Inception, libs/evaluation/sample_scorer.py)
-against the PNG path (write `{i}.png`, read the folder back with decoding workers, Inception), as eval did before.
+against the PNG path (write `{i}.png`, read the folder back with decoding workers, Inception).
 
     python benchmarks/sample_scoring.py [--n 100] [--sizes 32 256] [--batch 25] [--weights PATH] [--out DIR]
 
@@ -24,7 +24,7 @@ from libs import get_nnet                                        # noqa: E402
 from libs.evaluation.fid import FIDInception, fid_inception_v3, folder_loader, load_inception   # noqa: E402
 from libs.evaluation.sample_files import png_array, write_png               # noqa: E402
 from libs.evaluation.sample_scorer import SampleScorer, to_uint8            # noqa: E402
-from libs.sampling import generate, index_noise                  # noqa: E402
+from libs.sampling import SamplingSpec, decode, generate          # noqa: E402
 
 TINY = dict(name='Mamba_DiT_S_2', attention_head_dim=32, num_layers=3, in_channels=3, sample_size=32,
             num_embeds_ada_norm=10)
@@ -34,9 +34,9 @@ def tiny_dim_images(n):
     """(n, 3, 32, 32) float images in [0, 1] from a random tiny DiM."""
     torch.manual_seed(0)
     nnet = get_nnet(**TINY).eval()
-    options = dict(algorithm='dpm_solver', steps=2, guidance=0.0, null_class=None)
-    z = index_noise(range(n), (3, 32, 32), seed=0)
-    return ((generate(nnet, z, torch.arange(n) % 10, options) + 1) / 2).clamp(0, 1)
+    spec = SamplingSpec(algorithm='dpm_solver', sample_steps=2, scale=0.0, num_classes=10, conditional=True, seed=0,
+                        z_shape=(3, 32, 32), mini_batch_size=n)
+    return decode(generate(nnet, spec, range(n), torch.arange(n) % 10))
 
 
 def timed(fn):

@@ -29,7 +29,7 @@ def run(nnet, z, y, steps, guidance, K, autocast):
     def eps_fn(x, t, labels):
         with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
             return nnet(x, t, labels).float()
-    return sde.sample(eps_fn, z, algorithm='dpm_solver', steps=steps, y=y, guidance=guidance, null_class=K)
+    return sde.sample(eps_fn, z, algorithm='dpm_solver', sample_steps=steps, y=y, scale=guidance, null_class=K)
 
 
 def bench(name, batch, steps, variants, repeats, mode):

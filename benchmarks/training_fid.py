@@ -64,7 +64,7 @@ def get_config():
     config.optimizer = d(name='adamw', lr=1e-3, weight_decay=0.0, betas=(0.9, 0.99), eps=1e-8)
     config.lr_scheduler = d(name='customized', warmup_steps=0)
     config.nnet = d(**{nnet!r})
-    config.dataset = d(name='imagenet256_features', path={features!r}, cfg=True, p_uncond=0.1, fid_stat={stats!r})
+    config.dataset = d(name='imagenet256_features', path={features!r}, p_uncond=0.1, fid_stat={stats!r})
     config.sample = d(sample_steps={steps}, n_samples={batch}, intermediate_n_samples={n}, mini_batch_size={batch},
                       algorithm='dpm_solver', cfg=True, scale=0.4, path='', inception_path={inception!r})
     return config

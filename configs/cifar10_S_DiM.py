@@ -14,7 +14,6 @@ def get_config():
     config = ml_collections.ConfigDict()
     config.seed = 1234
     config.compile = 'none'          # or 'default', 'max-autotune', 'reduce-overhead': torch.compile (libs/model/compile.py)
-    config.pred = 'noise_pred'
     config.z_shape = (3, 32, 32)
     config.gradient_accumulation_steps = 1
     config.max_grad_norm = None  # the official CIFAR run had no clipping

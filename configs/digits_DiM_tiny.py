@@ -16,7 +16,6 @@ def get_config():
     config = ml_collections.ConfigDict()
     config.seed = 1234
     config.compile = 'none'          # or 'default', 'max-autotune', 'reduce-overhead': torch.compile (libs/model/compile.py)
-    config.pred = 'noise_pred'
     config.z_shape = (1, 16, 16)
     config.gradient_accumulation_steps = 1
     config.max_grad_norm = 1.0
@@ -40,7 +39,7 @@ def get_config():
         pad_token_schedules=['dec_split', 'lateral'],
     )
 
-    config.dataset = d(name='digits', resolution=16, cfg=True, p_uncond=0.1)
+    config.dataset = d(name='digits', resolution=16, p_uncond=0.1)
     config.sample = d(sample_steps=15, n_samples=500, mini_batch_size=100,
                       algorithm='dpm_solver', cfg=True, scale=3.0, path='')
     return config

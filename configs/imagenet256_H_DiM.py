@@ -10,7 +10,6 @@ def get_config():
     config = ml_collections.ConfigDict()
     config.seed = 1234
     config.compile = 'none'          # or 'default', 'max-autotune', 'reduce-overhead': torch.compile (libs/model/compile.py)
-    config.pred = 'noise_pred'
     config.z_shape = (4, 32, 32)
     config.autoencoder = d(pretrained_path='assets/stable-diffusion/autoencoder_kl_ema.pth')
     config.gradient_accumulation_steps = 1
@@ -36,7 +35,7 @@ def get_config():
     )
 
     config.dataset = d(name='imagenet', path='assets/datasets/ImageNet', resolution=256,
-                       cfg=True, p_uncond=0.1,
+                       p_uncond=0.1,
                        fid_stat='assets/fid_stats/fid_stats_imagenet256_guided_diffusion.npz')
     config.sample = d(sample_steps=50, n_samples=50000, intermediate_n_samples=10000, mini_batch_size=25,
                       algorithm='dpm_solver', cfg=True, scale=0.4, path='')

@@ -18,7 +18,6 @@ def get_config():
     config = ml_collections.ConfigDict()
     config.seed = 1234
     config.compile = 'none'          # or 'default', 'max-autotune', 'reduce-overhead': torch.compile (libs/model/compile.py)
-    config.pred = 'noise_pred'
     config.z_shape = (4, latent, latent)
     config.autoencoder = d(pretrained_path='assets/stable-diffusion/autoencoder_kl_ema.pth')
 
@@ -38,7 +37,7 @@ def get_config():
 
     # FID of these images is measured against the 512 statistics, as in the official code.
     config.dataset = d(name='imagenet512_features', path='assets/datasets/imagenet512_features',
-                       cfg=True, p_uncond=0.15,
+                       p_uncond=0.15,
                        fid_stat='assets/fid_stats/fid_stats_imagenet512_guided_diffusion.npz')
     config.sample = d(sample_steps=50, n_samples=50000, mini_batch_size=1,
                       algorithm='dpm_solver_upsample_g', cfg=True, scale=3.0,

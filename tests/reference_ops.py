@@ -45,7 +45,7 @@ def max_rel_err(a, b):
 
 
 # ------------------------------------------------------------------------------------------------
-# A DiM forward written directly from dim-architecture.md, reading only a state dict. It keeps the
+# A DiM forward written directly from the description of the network (docs/architecture.md), reading only a state dict. It keeps the
 # stream in canonical (row-major) order and gathers/scatters around each mixer, builds the padded
 # grid and the scan orders with explicit loops, and scans sequentially.
 # ------------------------------------------------------------------------------------------------

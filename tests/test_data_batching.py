@@ -31,7 +31,7 @@ def test_epochs_are_reshuffled_and_seeded():
 
 
 @pytest.mark.parametrize('kwargs, match', [
-    (dict(n_items=100, global_batch=10, world_size=3), 'not divisible by 3'),
+    (dict(n_items=100, global_batch=10, world_size=3), 'not divisible by the 3 processes'),
     (dict(n_items=5, global_batch=10), 'fewer than one global batch'),
 ])
 def test_bad_sizes(kwargs, match):

@@ -8,7 +8,7 @@ from libs.data.datasets import augment_batch, center_crop_arr, get_dataset
 
 
 def test_digits_are_resized_labelled_and_in_range():
-    d = get_dataset('digits', resolution=16, cfg=True, p_uncond=0.1)
+    d = get_dataset('digits', resolution=16, p_uncond=0.1)
     x, y = d[7]
     assert len(d) == 1797 and d.item_shape == (1, 16, 16) and d.num_classes == 10
     assert x.shape == (1, 16, 16) and -1 <= x.min() and x.max() <= 1 and 0 <= int(y) < 10
@@ -27,7 +27,7 @@ def test_feature_files_in_both_formats(tmp_path, fmt):
             np.savez(tmp_path / f'{i}.npy', z=moments[i], label=np.int64(i + 5))   # numpy appends .npz
         else:
             np.save(tmp_path / f'{i}.npy', np.array((moments[i], i + 5), dtype=object), allow_pickle=True)
-    d = get_dataset('imagenet256_features', path=str(tmp_path), cfg=True, p_uncond=0.15)
+    d = get_dataset('imagenet256_features', path=str(tmp_path), p_uncond=0.15)
     assert len(d) == 3 and d.item_shape == (8, 4, 4) and d.kind == 'moments'
     for i in range(3):
         z, label = d[i]
@@ -45,7 +45,6 @@ def test_raw_imagenet_folder(tmp_path):
     assert len(d) == 3 and d.num_classes == 2
     assert sorted(int(d[i][1]) for i in range(3)) == [0, 0, 1]             # n01 -> 0, n02 -> 1
     assert d[0][0].shape == (3, 32, 32) and d[0][0].abs().max() <= 1
-    assert d.label_weights.tolist() == [2.0, 1.0]
 
 
 def test_adm_center_crop():

@@ -17,7 +17,9 @@ from conftest import ROOT
 from libs import get_nnet
 from libs.evaluation.adm_metrics import load_reference, sample_metrics, save_reference
 from libs.config import load_config
+from libs.evaluation.evaluate import default_output_dir
 from libs.evaluation.fid import FEATURE_DIMS, load_inception
+from libs.sampling import SamplingSpec
 from tiny_assets import write_config, write_scoring_assets
 
 SCRIPT = str(ROOT / 'eval_ldm_discrete.py')
@@ -146,9 +148,9 @@ def test_one_and_two_processes_write_identical_images_and_scores(assets, tmp_pat
 
 def test_default_output_dir(assets):
     config = tiny_config(assets)
-    assert ev.default_output_dir(config, 'tiny_eval', assets['nnet']) == 'workdir/tiny_eval/eval/100.ckpt_nnet_ema'
+    assert default_output_dir(config, 'tiny_eval', assets['nnet']) == 'workdir/tiny_eval/eval/100.ckpt_nnet_ema'
     config.sample.path = 'elsewhere'
-    assert ev.default_output_dir(config, 'tiny_eval', assets['nnet']) == 'elsewhere'
+    assert default_output_dir(config, 'tiny_eval', assets['nnet']) == 'elsewhere'
 
 
 def test_restart_writes_only_missing_images_and_scores_the_folder(assets, tmp_path, fast_fid):
@@ -275,24 +277,11 @@ def test_upsample_sampler_loads_a_base_grid_checkpoint(assets, tmp_path):
     assert (run['multi_times'], run['vis_label'], run['ug_eta']) == (2, 3, 0.3)
     with Image.open(tmp_path / 'out' / '1.png') as img:
         assert img.size == (16, 16)
-    plan = ev.SamplePlan(config)
-    assert plan.labels(range(5)).tolist() == [3] * 5
-
-
-def test_labels_and_batches_depend_only_on_indices(assets):
-    plan = ev.SamplePlan(tiny_config(assets, n_samples=10, mini_batch_size=4))
-    assert [list(plan.indices(b)) for b in range(plan.n_batches)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    labels = plan.labels(range(10))
-    assert torch.equal(torch.cat([plan.labels(plan.indices(b)) for b in range(3)]), labels)
-    assert labels.min() >= 0 and labels.max() < 10 and len(set(labels.tolist())) > 3
-    config = tiny_config(assets)
-    config.train = dict(mode='uncond')
-    plan = ev.SamplePlan(config)
-    assert plan.labels(range(3)) is None and plan.options['guidance'] == 0.0
+    assert SamplingSpec.from_config(config).labels(range(5)).tolist() == [3] * 5
 
 
 def test_pixel_space_digits_config_writes_the_digits_report(assets, tmp_path, monkeypatch):
-    import libs.evaluation.digits_report
+    import libs.evaluation.evaluate
     calls = []
 
     def fake_report(images, labels, out_dir, extra=None):    # the real one trains a classifier (~15 s)
@@ -302,7 +291,7 @@ def test_pixel_space_digits_config_writes_the_digits_report(assets, tmp_path, mo
             json.dump({'sample_accuracy': 0.5}, f)
         return path
 
-    monkeypatch.setattr(libs.evaluation.digits_report, 'write_digits_report', fake_report)
+    monkeypatch.setattr(libs.evaluation.evaluate, 'write_digits_report', fake_report)
     config = tiny_config(assets, n_samples=3)
     del config['autoencoder']
     config.z_shape = (1, 8, 8)
@@ -314,7 +303,7 @@ def test_pixel_space_digits_config_writes_the_digits_report(assets, tmp_path, mo
     assert 'fid' not in results and results['sample_accuracy'] == 0.5
     images, labels = calls[0]
     assert images.shape == (3, 1, 8, 8) and 0 <= images.min() and images.max() <= 1
-    assert torch.equal(labels, ev.SamplePlan(config).labels(range(3)))
+    assert torch.equal(labels, SamplingSpec.from_config(config).labels(range(3)))
     with Image.open(tmp_path / 'out' / '2.png') as img:
         assert img.mode == 'L' and np.array_equal(np.asarray(img), (images[2, 0] * 255).round().byte().numpy())
 

@@ -9,7 +9,7 @@ import torch
 import libs.evaluation.adm_metrics as am
 from libs.evaluation.adm_metrics import (Reference, inception_score, knn_radii, load_reference, precision_recall,
                               sample_metrics, save_reference)
-from libs.evaluation.fid import activation_statistics, frechet_distance, load_statistics
+from libs.evaluation.fid import activation_statistics, frechet_distance
 
 pytestmark = pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")
 
@@ -148,10 +148,11 @@ def test_reference_files(tmp_path):
     np.testing.assert_array_equal(ref.pr_features, arrays["pr_features"].astype(np.float32))
     with np.load(path) as f:
         assert f["n_images"] == 10 and f["pr_indices"].tolist() == [0, 2, 3, 7, 9]
-    mu, sigma = load_statistics(str(path))                        # still a plain FID statistics file
+    plain = np.load(str(path))                                    # still a plain FID statistics file
+    mu, sigma = plain['mu'], plain['sigma']
     np.testing.assert_array_equal(mu, arrays["mu"])
 
-    np.savez(tmp_path / "uvit.npz", mu=arrays["mu"], sigma=arrays["sigma"])     # today's files stay valid
+    np.savez(tmp_path / "uvit.npz", mu=arrays["mu"], sigma=arrays["sigma"])     # U-ViT's files (mu, sigma only) load
     ref = load_reference(str(tmp_path / "uvit.npz"))
     assert ref.mu_s is None and ref.sigma_s is None and ref.pr_features is None
 

@@ -12,7 +12,7 @@ from libs.evaluation.adm_metrics import Reference, sample_metrics
 from libs.evaluation.fid import FEATURE_DIMS, load_inception
 from libs.evaluation.sample_files import png_array, read_png, write_png
 from libs.evaluation.sample_scorer import SampleScorer, to_uint8
-from test_fid import random_inception_state_dict
+from test_evaluation_fid import random_inception_state_dict
 
 N, BATCH = 5, 2
 pytestmark = pytest.mark.filterwarnings('ignore::scipy.linalg.LinAlgWarning')

@@ -7,7 +7,7 @@ import torch
 from libs import get_nnet
 from libs.model.dim import DiM, DiMBlock, ModulatedRMSNorm
 from reference_ops import dim_reference, max_rel_err, mixer_reference
-from test_model_mixer import mixer_forward_before
+from test_model_mixer import mixer_forward_plain
 
 TINY = dict(name='Mamba_DiT_H_2', num_layers=5, num_embeds_ada_norm=10, sample_size=8)
 
@@ -168,19 +168,19 @@ def test_model_rejects_invalid_depth_directly():
         DiM(width=32, depth=4, in_channels=4, patch_size=2, num_classes=10, table_grid=4)
 
 
-def _block_forward_before(self, u, mod, skip=None, gather=None):
-    """DiMBlock.forward before the recompute change (commit 8f2b468), with that commit's norm and mixer."""
+def _block_forward_plain(self, u, mod, skip=None, gather=None):
+    """DiMBlock.forward as one straight pass with the plain norm and mixer: the numerical reference."""
     if skip is not None:
         u = self.merge_skip(u, skip).float()
     if gather is not None:
         u = u.index_select(1, gather)
     shift, scale, gate = (self.scale_shift_table + mod).unbind(1)
     n = self.norm1.norm(u) * (1 + scale[:, None].float()) + shift[:, None].float()
-    out = mixer_forward_before(self.attn1, n)
+    out = mixer_forward_plain(self.attn1, n)
     return u + (1 + gate[:, None].float()) * out.float()
 
 
-def _norm_forward_before(self, x, shift, scale):
+def _norm_forward_plain(self, x, shift, scale):
     return self.norm(x) * (1 + scale[:, None].float()) + shift[:, None].float()
 
 
@@ -193,18 +193,18 @@ def _loss_and_grads(model, x, t, y, autocast):
 
 
 @pytest.mark.parametrize('autocast', [False, True])
-def test_model_matches_the_forward_before_recompute(monkeypatch, autocast):
+def test_model_matches_the_plain_forward(monkeypatch, autocast):
     model = randomized(get_nnet(**TINY, attention_head_dim=64)).train()
     x, t, y = _inputs()
     out, grads = _loss_and_grads(model, x, t, y, autocast)
-    monkeypatch.setattr(DiMBlock, 'forward', _block_forward_before)
-    monkeypatch.setattr(ModulatedRMSNorm, 'forward', _norm_forward_before)
+    monkeypatch.setattr(DiMBlock, 'forward', _block_forward_plain)
+    monkeypatch.setattr(ModulatedRMSNorm, 'forward', _norm_forward_plain)
     ref, ref_grads = _loss_and_grads(model, x, t, y, autocast)
     if autocast:        # bf16 GEMM paths may round differently for another layout (identical on this CPU)
         assert max_rel_err(out, ref) < 1e-2
         return
     assert torch.equal(out, ref)
-    for a, b in zip(grads, ref_grads):   # dt is now W @ dt^T: the summation order of its gradients changed
+    for a, b in zip(grads, ref_grads):   # the plain mixer lays dt out otherwise: its gradients sum in another order
         assert max_rel_err(a, b) < 1e-6
 
 

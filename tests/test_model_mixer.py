@@ -1,4 +1,4 @@
-"""The Mamba mixer: same numbers as before recomputation existed, what it keeps for backward, the layouts it scans."""
+"""The Mamba mixer: the numbers of a plain forward pass, what it keeps for backward, the layouts it scans."""
 import math
 
 import pytest
@@ -12,8 +12,8 @@ from libs.scan import causal_conv1d, selective_scan
 from reference_ops import max_rel_err
 
 
-def mixer_forward_before(mixer, u):
-    """The mixer's forward before the recompute change (commit 8f2b468), kept as the numerical reference."""
+def mixer_forward_plain(mixer, u):
+    """The mixer as one straight forward pass (nothing recomputed, dt not made contiguous): the numerical reference."""
     x, z = mixer.in_proj(u).transpose(1, 2).chunk(2, dim=1)
     x = causal_conv1d(x, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, activation='silu')
     dt, B, C = mixer.x_proj(x.transpose(1, 2)).split([mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
@@ -50,12 +50,12 @@ def test_matches_the_forward_before_recompute(width, L, autocast):
     mixer = random_mixer(width)
     u, gout = torch.randn(2, L, width), torch.randn(2, L, width)
     out, grads = _grads(mixer, mixer, u, gout, autocast)
-    ref, ref_grads = _grads(mixer, lambda v: mixer_forward_before(mixer, v), u, gout, autocast)
+    ref, ref_grads = _grads(mixer, lambda v: mixer_forward_plain(mixer, v), u, gout, autocast)
     if autocast:        # bf16 GEMM paths may round differently for another layout (identical on this CPU)
         assert max_rel_err(out.float(), ref.float()) < 1e-2
         return
     assert torch.equal(out, ref)                                  # forward bit-identical in fp32
-    for a, b in zip(grads, ref_grads):   # dt is now W @ dt^T: only the summation order of its gradients changed
+    for a, b in zip(grads, ref_grads):   # the plain pass lays dt out otherwise: only the summation order differs
         assert max_rel_err(a, b) < 1e-6
 
 

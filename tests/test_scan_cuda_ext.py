@@ -37,7 +37,7 @@ def _conv_ref(x, w, b):
 
 
 def test_standins_reject_the_old_positional_calls(monkeypatch):
-    """The calls libs/ made before keywords: 'silu' landed on seq_idx (causal-conv1d >= 1.2)."""
+    """Positional calls are wrong against these signatures: 'silu' would land on seq_idx (causal-conv1d >= 1.2)."""
     x, w, b = _conv_inputs()
     with pytest.raises(AttributeError, match="'str' object has no attribute 'contiguous'"):
         standins.causal_conv1d_fn(x, w, b, 'silu')

@@ -1,4 +1,4 @@
-"""Tests for sde.py: schedule, training loss, samplers, guidance (see docs/dim-pipeline.md §1, §6)."""
+"""Tests for sde.py: schedule, training loss, samplers, guidance (docs/architecture.md §13, §14)."""
 import importlib.util
 import math
 import os
@@ -166,7 +166,7 @@ def test_dpm_solver_grid():
 def test_dpm_solver_nfe_and_times(guidance):
     rec = Recorder(lambda x, t, y: gaussian_eps(x, t))
     z, y = noise(3, 4, 2, 2), torch.tensor([1, 2, 3])
-    sde.sample(rec, z, "dpm_solver", 50, y=y, guidance=guidance, null_class=10)
+    sde.sample(rec, z, "dpm_solver", 50, y=y, scale=guidance, null_class=10)
     assert len(rec.calls) == 50
     t, _ = sde.dpm_solver_grid(50)
     for call, tk in zip(rec.calls, t[:50]):  # one call per grid point 0..49, in order, at 1000 t
@@ -413,7 +413,7 @@ def test_cfg_batched_equals_two_calls(algorithm, options):
     z, y, s = noise(3, 2, 8, 8), torch.tensor([0, 4, 9]), 0.4
     opts = lambda: {"generator": torch.Generator().manual_seed(0)} if options == "seed" else options  # noqa: E731
     rec = Recorder(labelled_eps)
-    batched = sde.sample(rec, z, algorithm, 20, y=y, guidance=s, null_class=10, **opts())
+    batched = sde.sample(rec, z, algorithm, 20, y=y, scale=s, null_class=10, **opts())
     assert all(c["x"].shape[0] == 6 and c["y"].tolist() == [0, 4, 9, 10, 10, 10] for c in rec.calls)
 
     def two_calls(x, t, _):
@@ -442,12 +442,12 @@ def test_working_dtype(algorithm, dtype):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(algorithm="dpm_solver_pp"), "'dpm_solver_pp'"),
-    (dict(steps=0), "got 0"),
-    (dict(steps=2.5), "got 2.5"),
-    (dict(guidance=0.4), r"guidance=0\.4 needs class labels y"),
-    (dict(guidance=0.7, y=torch.tensor([1, 2])), r"null_class=None"),
-    (dict(guidance=-1.0, y=torch.tensor([1, 2]), null_class=10), r"got -1\.0"),
-    (dict(algorithm="ddim", steps=1001), "steps=1001"),
+    (dict(sample_steps=0), "got 0"),
+    (dict(sample_steps=2.5), "got 2.5"),
+    (dict(scale=0.4), r"scale=0\.4 \(guidance\) needs class labels y"),
+    (dict(scale=0.7, y=torch.tensor([1, 2])), r"null_class=None"),
+    (dict(scale=-1.0, y=torch.tensor([1, 2]), null_class=10), r"got -1\.0"),
+    (dict(algorithm="ddim", sample_steps=1001), "sample_steps=1001"),
     (dict(foo=1), r"\['foo'\]"),
     (dict(algorithm="ddim", generator=torch.Generator()), r"\['generator'\] for algorithm 'ddim'"),
     (dict(algorithm="dpm_solver_upsample_g", multi_times=3), r"multi_times=3, got \(2, 4, 8, 8\)"),

@@ -38,7 +38,7 @@ def assets(tmp_path_factory):
                    fid_interval=2, num_workers=0, grid_columns=2),
         optimizer=dict(name='adamw', lr=1e-3, weight_decay=0.0, betas=(0.9, 0.99), eps=1e-8),
         lr_scheduler=dict(name='customized', warmup_steps=0), nnet=NNET,
-        dataset=dict(name='imagenet256_features', path=paths['features'], cfg=True, p_uncond=0.1,
+        dataset=dict(name='imagenet256_features', path=paths['features'], p_uncond=0.1,
                      fid_stat=paths['stats']),
         sample=dict(sample_steps=2, n_samples=N_FID, intermediate_n_samples=N_FID, mini_batch_size=2,
                     algorithm='dpm_solver', cfg=True, scale=0.4, path='', inception_path=paths['inception']))

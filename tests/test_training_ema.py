@@ -1,8 +1,7 @@
-"""The EMA over a parameter layout, in one process (the sharded layouts run in tests/test_train_sharded.py)."""
+"""The EMA copy and update, and the EMA over a parameter layout, in one process (the sharded layouts run in tests/test_train_sharded.py)."""
 import torch
 
-from libs.training.optimizer import make_ema
-from libs.training.ema import EMA
+from libs.training.ema import EMA, ema_update, make_ema
 from libs.training.sharding import ParamLayout
 
 
@@ -32,3 +31,16 @@ def test_update_full_state_and_reload():
     other = EMA(layout, module=make_ema(_model()))
     other.load_full_state_dict(after)
     assert all(torch.equal(a, b) for a, b in zip(other.full_state_dict().values(), after.values()))
+
+
+def test_ema_update_and_copy():
+    model = torch.nn.Linear(3, 3)
+    ema = make_ema(model)
+    assert not any(p.requires_grad for p in ema.parameters()) and not ema.training
+    before = [p.clone() for p in ema.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema_update(ema, model, decay=0.9)
+    for b, p, e in zip(before, model.parameters(), ema.parameters()):
+        assert torch.allclose(e, 0.9 * b + 0.1 * p)

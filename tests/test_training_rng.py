@@ -51,10 +51,3 @@ def test_another_process_count_or_device_reseeds_with_a_warning(caplog):
     assert 'written on cuda, now on cpu' in caplog.text
     assert torch.equal(rng.data.get_state(), saved['data'][1])
     assert not torch.equal(rng.device.get_state(), saved['device'][1])
-
-
-def test_checkpoints_of_the_single_generator_format_resume():
-    old = {'world_size': 1, 'generators': [torch.Generator().manual_seed(3).get_state()]}
-    rng = RunRNG(7, 0, 'cpu')
-    rng.restore(old, world_size=1, step=4)
-    assert torch.equal(rng.data.get_state(), old['generators'][0])

@@ -5,7 +5,7 @@ import os
 import torch
 
 from test_data_autoencoder import SMALL, random_ldm_state_dict
-from test_fid import random_inception_state_dict
+from test_evaluation_fid import random_inception_state_dict
 
 HEADER = '''import ml_collections
 

@@ -9,19 +9,25 @@ the per-step work is a list slice.
 """
 import torch
 
-__all__ = ['StepBatchSampler']
+__all__ = ['StepBatchSampler', 'per_rank_batch']
+
+
+def per_rank_batch(global_batch, world_size):
+    """Each process's share of a global batch; ValueError unless it splits evenly."""
+    if global_batch % world_size:
+        raise ValueError(f"the global batch size {global_batch} is not divisible by the {world_size} processes; use "
+                         f"a multiple of {world_size}")
+    return global_batch // world_size
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
     """Endless iterator of index lists (per-rank micro-batches), starting at micro-batch `start`."""
 
     def __init__(self, n_items, global_batch, rank=0, world_size=1, seed=0, start=0):
-        if global_batch % world_size:
-            raise ValueError(f"the global batch size {global_batch} is not divisible by {world_size} processes")
+        self.per_rank = per_rank_batch(global_batch, world_size)
         if n_items < global_batch:
             raise ValueError(f"the data set has {n_items} items, fewer than one global batch of {global_batch}")
         self.n, self.global_batch, self.seed, self.start = n_items, global_batch, seed, start
-        self.per_rank = global_batch // world_size
         self.offset = rank * self.per_rank
         self.batches_per_epoch = n_items // global_batch
 

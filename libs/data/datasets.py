@@ -4,7 +4,7 @@ Items are deterministic `(x, label)` pairs: random flips and CFG label dropout a
 train step from a seeded generator (`augment_batch`, in the training process, after the DataLoader workers), so a
 resumed run sees exactly the same data whatever the number of workers.
 Every data set exposes `num_classes` (K; the null class is K), `kind` ('pixels' or 'moments'),
-`item_shape`, `random_flip` and `label_weights` (class frequencies for sampling labels, or None).
+`item_shape` and `random_flip`.
 """
 import inspect
 import os
@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-__all__ = ['get_dataset', 'augment_batch', 'center_crop_arr', 'DATASETS']
+__all__ = ['get_dataset', 'check_dataset_config', 'augment_batch', 'center_crop_arr', 'DATASETS', 'RUN_KEYS']
 
 
 class Digits(Dataset):
     """scikit-learn's 1,797 labelled 8x8 digits, upsampled to `resolution`, in [-1, 1]. Needs no download."""
-    kind, num_classes, label_weights = 'pixels', 10, None
+    kind, num_classes = 'pixels', 10
 
     def __init__(self, resolution=16, random_flip=False):
         from sklearn.datasets import load_digits
@@ -42,7 +42,7 @@ class Digits(Dataset):
 
 class Cifar10(Dataset):
     """torchvision CIFAR-10 train split from a local folder (no download), 3x32x32 in [-1, 1]."""
-    kind, num_classes, label_weights, item_shape = 'pixels', 10, None, (3, 32, 32)
+    kind, num_classes, item_shape = 'pixels', 10, (3, 32, 32)
 
     def __init__(self, path, random_flip=True):
         import torchvision
@@ -95,7 +95,6 @@ class ImageNet(Dataset):
         classes = {w: k for k, w in enumerate(sorted(set(wnids)))}
         self.files, self.labels = files, torch.tensor([classes[w] for w in wnids])
         self.num_classes = len(classes)
-        self.label_weights = torch.bincount(self.labels, minlength=self.num_classes).double()
         self.resolution, self.random_flip = resolution, random_flip
         self.item_shape = (3, resolution, resolution)
 
@@ -114,7 +113,7 @@ class LatentFeatures(Dataset):
     Reads the official format `{idx}.npy.npz` (arrays `z`, `label`) and U-ViT's `{idx}.npy` (a pickled
     (moments, label) tuple). Flipped copies are stored as extra items by the extraction script.
     """
-    kind, num_classes, label_weights, random_flip = 'moments', 1000, None, False
+    kind, num_classes, random_flip = 'moments', 1000, False
 
     def __init__(self, path):
         if not os.path.isdir(path):
@@ -146,20 +145,36 @@ DATASETS = {
     'imagenet256_features': lambda path: LatentFeatures(path),
     'imagenet512_features': lambda path: LatentFeatures(path),
 }
-# Keys of config.dataset read by the train and eval scripts, not by the data set itself.
-SCRIPT_KEYS = ('cfg', 'p_uncond', 'fid_stat')
+# Keys of config.dataset read by the training and evaluation, not by the data set itself: the CFG label-dropout
+# probability and the FID reference statistics.
+RUN_KEYS = ('p_uncond', 'fid_stat')
+
+
+def _dataset_args(name, kwargs):
+    """The data set's own keyword arguments of config.dataset, checked against its signature."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set config.dataset.name={name!r}; expected one of {sorted(DATASETS)}")
+    args = {k: v for k, v in kwargs.items() if k not in RUN_KEYS}
+    known = [p for p in inspect.signature(DATASETS[name]).parameters]
+    unknown = sorted(set(args) - set(known))
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join('config.dataset.' + k for k in unknown)} for data set {name!r} "
+                         f"(its keys: {', '.join(known + list(RUN_KEYS))})")
+    try:
+        inspect.signature(DATASETS[name]).bind(**args)
+    except TypeError as e:
+        raise ValueError(f"config.dataset for {name!r}: {e}") from None
+    return args
+
+
+def check_dataset_config(name, **kwargs):
+    """Raise ValueError naming any config.dataset key that data set `name` does not read (nothing is loaded)."""
+    _dataset_args(name, kwargs)
 
 
 def get_dataset(name, **kwargs):
     """`get_dataset(**config.dataset)`."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown data set {name!r}; expected one of {sorted(DATASETS)}")
-    args = {k: v for k, v in kwargs.items() if k not in SCRIPT_KEYS}
-    try:
-        inspect.signature(DATASETS[name]).bind(**args)
-    except TypeError as e:
-        raise ValueError(f"bad config.dataset keys for {name!r}: {e}") from None
-    return DATASETS[name](**args)
+    return DATASETS[name](**_dataset_args(name, kwargs))
 
 
 def _to_device_of(mask, like):

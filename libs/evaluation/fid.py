@@ -23,7 +23,6 @@ from pytorch_fid.inception import (FID_WEIGHTS_URL, FIDInceptionA, FIDInceptionC
 from scipy import linalg
 from scipy.linalg import lapack
 from torchvision.transforms.functional import to_tensor
-from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -181,17 +180,6 @@ class _ImageFiles(torch.utils.data.Dataset):
             return to_tensor(img.convert("RGB"))
 
 
-def _activations(model: FIDInception, batches, n: int, n_batches: int, progress: bool) -> np.ndarray:
-    device = next(model.parameters()).device
-    out = np.empty((n, 2048), dtype=np.float64)
-    start = 0
-    for batch in tqdm(batches, total=n_batches, desc="FID activations", unit="batch", disable=not progress):
-        feats = model(batch.to(device, torch.float32)).cpu().numpy()
-        out[start:start + len(feats)] = feats
-        start += len(feats)
-    return out
-
-
 def folder_loader(folder: str, batch_size: int = 50, num_workers: int | None = None) -> torch.utils.data.DataLoader:
     """Batches (B,3,H,W) in [0,1] of the images in ``folder`` in :func:`image_files` order (PIL -> RGB ->
     ``to_tensor``); all images the same size. ``num_workers`` (decoding processes) defaults to min(8, CPUs)."""
@@ -199,22 +187,6 @@ def folder_loader(folder: str, batch_size: int = 50, num_workers: int | None = N
         num_workers = min(8, os.cpu_count() or 1)
     return torch.utils.data.DataLoader(_ImageFiles(image_files(folder)), batch_size=batch_size,
                                        num_workers=num_workers)
-
-
-def folder_activations(folder: str, model: FIDInception, batch_size: int = 50, num_workers: int | None = None,
-                       progress: bool = True) -> np.ndarray:
-    """(N,2048) float64 activations of the N images in ``folder`` (see :func:`folder_loader`)."""
-    loader = folder_loader(folder, batch_size, num_workers)
-    return _activations(model, loader, len(loader.dataset), len(loader), progress)
-
-
-def tensor_activations(images: torch.Tensor, model: FIDInception, batch_size: int = 50,
-                       progress: bool = True) -> np.ndarray:
-    """(N,2048) float64 activations of float images (N,3,H,W) in [0,1]."""
-    if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
-        raise ValueError(f"expected float images (N,3,H,W) in [0,1], got {images.dtype} {tuple(images.shape)}")
-    batches = images.split(batch_size)
-    return _activations(model, batches, len(images), len(batches), progress)
 
 
 def activation_statistics(act: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -299,30 +271,3 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     if not np.isfinite(fid):
         raise ValueError("FID: the statistics hold non-finite values")
     return fid
-
-
-def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """mu (D,) and sigma (D,D) from a reference ``.npz`` (U-ViT's fid_stats format)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"FID reference statistics not found: {path}. {STATS_SOURCE_HINT}")
-    with np.load(path) as f:
-        if "mu" not in f or "sigma" not in f:
-            raise ValueError(f"{path} lacks 'mu'/'sigma' arrays (it has {sorted(f.files)})")
-        return f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
-
-
-def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
-    """Write ``mu`` and ``sigma`` to ``path`` exactly (no ``.npz`` appended), creating its folder."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "wb") as f:
-        np.savez(f, mu=mu, sigma=sigma)
-
-
-def fid_from_folder(folder: str, ref_stats_path: str, weights_path: str | None = None, batch_size: int = 50,
-                    device: torch.device | str | None = None, num_workers: int | None = None,
-                    progress: bool = True) -> float:
-    """FID of the images in ``folder`` against reference statistics (checked before any image is read)."""
-    mu_ref, sigma_ref = load_statistics(ref_stats_path)
-    model = load_inception(weights_path, device)
-    mu, sigma = activation_statistics(folder_activations(folder, model, batch_size, num_workers, progress))
-    return frechet_distance(mu, sigma, mu_ref, sigma_ref)

@@ -16,9 +16,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from libs.files import write_json
+
 from .fid import IMAGE_EXTENSIONS
 
-__all__ = ['NPZ_NAME', 'image_names', 'prepare_output_dir', 'write_json', 'png_array', 'write_png', 'read_png',
+__all__ = ['NPZ_NAME', 'image_names', 'prepare_output_dir', 'png_array', 'write_png', 'read_png',
            'PngWriter', 'write_adm_npz']
 
 _PNG = re.compile(r'^(0|[1-9]\d*)\.png$')
@@ -75,14 +77,6 @@ def prepare_output_dir(folder, run, overwrite):
             if os.path.exists(os.path.join(folder, name)):
                 os.remove(os.path.join(folder, name))
     write_json(run_file, run)
-
-
-def write_json(path, obj):
-    """JSON file written atomically."""
-    tmp = f'{path}.{os.getpid()}.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def png_array(image: torch.Tensor) -> np.ndarray:

@@ -32,7 +32,7 @@ FIXED = dict(
     is_random_patterns=False, is_freeu=False, drop_path_rate=0.0,
 )
 
-# Official keys that the official model reads but that change nothing (dim-architecture.md §1.1).
+# Official keys that the official model reads but that change nothing (docs/architecture.md §2).
 IGNORED = frozenset([
     'activation_fn', 'attention_bias', 'norm_elementwise_affine', 'use_bidirectional_rnn', 'nested_order',
     'use_conv1d', 'sequence_schedule', 'sub_sequence_schedule', 'kv_as_one_token_idx',

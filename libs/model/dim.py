@@ -2,7 +2,7 @@
 
 Module names, parameter shapes and state_dict order are those of the official `Mamba2DModel`
 checkpoints (`nnet_ema.pth`). The residual stream is kept in fp32; under autocast only the linear
-layers run in low precision. See ../shared/docs/dim-architecture.md for the reference behaviour.
+layers run in low precision. docs/architecture.md describes the network section by section.
 """
 import math
 
@@ -229,7 +229,7 @@ class DiM(nn.Module):
 
     @torch.no_grad()
     def initialize_weights(self):
-        """The official init (dim-architecture.md §5); no zero-init of the output layers."""
+        """The official init (docs/architecture.md §10); no zero-init of the output layers."""
         for module in self.modules():
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)

@@ -6,7 +6,7 @@
     y = selective_scan(x, dt_proj.weight @ dt^T, -exp(A_log), B, C, D, z, dt_proj.bias, softplus)
     out = out_proj(y)
 dt and x reach the scan as contiguous (B, Di, L) tensors, so no kernel copies them; z stays a channel-last
-view of in_proj's output (a unit-stride z would round silu(z) differently on CPU than before). In training
+view of in_proj's output (copying it to unit stride would round silu(z) differently on CPU). In training
 only in_proj's output is kept for backward: the conv, dt and the scan are recomputed from it, as mamba's
 fused `mamba_inner_fn` does. The scan and the conv use the CUDA kernels when available (libs/scan/).
 """

@@ -1,6 +1,6 @@
 """Token layout of DiM's 1-D sequence and its per-layer scan orders, as cached index tensors.
 
-Sequence fed to the blocks (official layout, dim-architecture.md §3.6):
+Sequence fed to the blocks (official layout, docs/architecture.md §3):
     [ X extra tokens (time, class) | P separator pads | padded grid G of (h+P) x (w+P) tokens ]
 G holds the h x w image tokens row-major, each row followed by P pad tokens, then P rows of pads.
 Only G is re-ordered between layers; the extras and separators keep their positions.
@@ -30,7 +30,7 @@ def skip_layers(num_layers, encoder_start):
 
 
 def layer_patterns(num_layers, encoder_start):
-    """Scan pattern of every layer: the official schedule (dim-architecture.md §3.7).
+    """Scan pattern of every layer: the official schedule (docs/architecture.md §4).
 
     Stem layers use 0; the encoder half walks PATTERNS forward, the decoder half walks it back
     (so every skip pair meets in the same order); the last layer is row-major again.

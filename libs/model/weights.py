@@ -1,7 +1,7 @@
 """Loading network weights: released `nnet.pth` / `nnet_ema.pth` files (plain state dicts) into a DiM.
 
 A positional table made for another token grid is bilinearly interpolated to the model's, as the
-official loader does (dim-architecture.md §6.2). Every other mismatch is an error listing the keys.
+official loader does (docs/architecture.md §11). Every other mismatch is an error listing the keys.
 """
 import os
 
@@ -9,7 +9,7 @@ import torch
 
 from .dim import interpolate_pos_table
 
-__all__ = ['read_state_dict', 'strip_wrapper_prefixes', 'load_nnet_weights']
+__all__ = ['read_state_dict', 'strip_wrapper_prefixes', 'load_nnet_weights', 'load_network']
 
 _PREFIXES = ('module.', '_orig_mod.')   # DDP and torch.compile wrappers
 
@@ -63,3 +63,11 @@ def load_nnet_weights(model, source):
         raise RuntimeError(f"cannot load {name} into this network (wrong config?):\n  " + "\n  ".join(problems))
     model.load_state_dict(state, strict=True)
     return model
+
+
+def load_network(config, nnet_path):
+    """The DiM of `config` (config.nnet) with the weights of `nnet_path` loaded strictly, in eval mode, without
+    gradients; on the CPU. config.nnet.pretrained_path is not read (the weights come from `nnet_path`)."""
+    from .build import build_nnet
+    kwargs = {k: v for k, v in config.nnet.to_dict().items() if k != 'pretrained_path'}
+    return load_nnet_weights(build_nnet(**kwargs), nnet_path).eval().requires_grad_(False)

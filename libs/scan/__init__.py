@@ -50,8 +50,7 @@ def requested_backend():
     """DIM_SCAN_BACKEND, validated."""
     name = os.environ.get('DIM_SCAN_BACKEND', 'auto').strip().lower()
     if name not in BACKENDS:
-        hint = " ('cuda' is now 'mamba_ssm')" if name == 'cuda' else ''
-        raise ValueError(f"DIM_SCAN_BACKEND={name!r} is not one of {', '.join(BACKENDS)}{hint}")
+        raise ValueError(f"DIM_SCAN_BACKEND={name!r} is not one of {', '.join(BACKENDS)}")
     return name
 
 

@@ -6,14 +6,14 @@ problem found at once. `check_batch_split` needs the process count (after the Ac
 import math
 import numbers
 
+from libs.config import ConfigError, check_top_level_keys
+from libs.data.batching import per_rank_batch
+from libs.data.datasets import check_dataset_config
 from libs.model.compile import COMPILE_MODES
+from libs.sampling import SamplingSpec
 
 __all__ = ['ConfigError', 'check_config', 'check_batch_split', 'TRAIN_KEYS', 'fid_interval', 'intermediate_n_samples',
            'INTERMEDIATE_N_SAMPLES']
-
-
-class ConfigError(ValueError):
-    """A config value the training cannot run with."""
 
 
 # Keys of config.train that the training script reads; anything else is a typo or a key of another script.
@@ -104,15 +104,24 @@ def _problems(config):
         checks.append(integer('config.lr_scheduler.warmup_steps', sched.get('warmup_steps', 0), 0))
     sample = config.get('sample')
     if sample is not None:
-        checks += [integer('config.sample.mini_batch_size', sample.get('mini_batch_size'), 1),
-                   integer('config.sample.sample_steps', sample.get('sample_steps'), 1),
-                   integer('config.sample.intermediate_n_samples',
+        checks += [integer('config.sample.intermediate_n_samples',
                            sample.get('intermediate_n_samples', INTERMEDIATE_N_SAMPLES), 2),
                    integer('config.sample.n_samples', sample.get('n_samples', 1), 1)]
         path = sample.get('inception_path')
         if path is not None and not isinstance(path, str):
             checks.append(f"config.sample.inception_path={path!r}: must be a file path (or None: pytorch-fid's cache)")
     yield from (c for c in checks if c)
+    yield from _section_problems(config)
+
+
+def _section_problems(config):
+    """What the readers of the other sections refuse: unknown top-level keys, config.sample, config.dataset."""
+    for check in (lambda: check_top_level_keys(config), lambda: SamplingSpec.from_config(config),
+                  lambda: check_dataset_config(**config.dataset)):
+        try:
+            check()
+        except (ValueError, KeyError, AttributeError) as e:
+            yield str(e)
 
 
 def check_config(config):
@@ -125,7 +134,7 @@ def check_config(config):
 def check_batch_split(config, num_processes):
     """config.train.batch_size is the global micro-batch (an optimiser step takes gradient_accumulation_steps of
     them): it must split evenly over the processes."""
-    B = config.train.batch_size
-    if B % num_processes:
-        raise ConfigError(f"config.train.batch_size={B} is not divisible by the {num_processes} processes; use a "
-                          f"multiple of {num_processes}")
+    try:
+        per_rank_batch(config.train.batch_size, num_processes)
+    except ValueError as e:
+        raise ConfigError(f"config.train.batch_size: {e}") from None

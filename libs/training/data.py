@@ -18,6 +18,7 @@ import os
 
 import torch
 
+from libs.config import is_conditional, num_classes
 from libs.data.batching import StepBatchSampler
 from libs.data.datasets import augment_batch, get_dataset
 
@@ -42,7 +43,7 @@ class TrainData:
 
     def __init__(self, config, device, autocast=contextlib.nullcontext):
         self.config, self.device, self.autocast = config, torch.device(device), autocast
-        self.conditional = config.train.mode == 'cond'
+        self.conditional = is_conditional(config)
         self.dataset = get_dataset(**config.dataset)
         self.autoencoder = None
         if config.get('autoencoder'):
@@ -54,7 +55,7 @@ class TrainData:
         if tuple(config.z_shape) != shape:
             raise ValueError(f"config.z_shape={tuple(config.z_shape)} but data set {config.dataset.name!r} gives "
                              f"{shape} (item shape {self.dataset.item_shape})")
-        K = config.nnet.get('num_embeds_ada_norm', 1000)
+        K = num_classes(config)
         if K != self.dataset.num_classes:
             raise ValueError(f"config.nnet.num_embeds_ada_norm={K} but the data set has {self.dataset.num_classes} classes")
         self.pin_memory = bool(config.train.get('pin_memory', True)) and self.device.type == 'cuda'

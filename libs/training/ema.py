@@ -6,17 +6,36 @@ Sharded (FSDP, ZeRO-2) each process keeps fp32 copies of its own parts only (`Pa
 fp32 masters under ZeRO-2), so an update is a local lerp with no communication and 1/W of the memory; the full
 weights are assembled for a checkpoint (`full_state_dict`) or a sampling module (`module`).
 """
+import copy
+
 import torch
 
-from libs.training.optimizer import ema_lerp_
+__all__ = ['EMA', 'make_ema', 'ema_lerp_', 'ema_update']
 
-__all__ = ['EMA']
+
+def make_ema(model):
+    """An fp32 copy of `model` in eval mode, without gradients."""
+    ema = copy.deepcopy(model).float().eval()
+    ema.requires_grad_(False)
+    return ema
+
+
+@torch.no_grad()
+def ema_lerp_(ema_tensors, tensors, decay=0.9999):
+    """In place: e <- decay * e + (1 - decay) * t for matching lists of fp32 tensors (any sharding, same shapes)."""
+    torch._foreach_lerp_(list(ema_tensors), [t.detach().float() for t in tensors], 1.0 - decay)
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay=0.9999):
+    """ema <- decay * ema + (1 - decay) * model, parameters only (the model has no buffers)."""
+    ema_lerp_(ema.parameters(), model.parameters(), decay)
 
 
 class EMA:
     """EMA over `layout` (libs.training.sharding.ParamLayout). Unsharded: `module` is the EMA network (an fp32 copy
-    made with libs.training.optimizer.make_ema before accelerate wraps the model). Sharded: `build_model()` makes a network of
-    the same config (built on the meta device) for the sampling module."""
+    made with `make_ema` before accelerate wraps the model). Sharded: `build_model()` makes a network of the same
+    config (built on the meta device) for the sampling module."""
 
     def __init__(self, layout, module=None, build_model=None):
         self.layout = layout

@@ -13,9 +13,9 @@ import json
 import logging
 import os
 
-from libs.evaluation.sample_files import write_json
-from libs.training.config import ConfigError
-from libs.training.evaluation import broadcast_from_main
+from libs.config import ConfigError
+from libs.distributed import broadcast_from_main
+from libs.files import write_json
 
 __all__ = ['ScoreHistory', 'FILE_NAME']
 

@@ -41,8 +41,6 @@ class RunRNG:
 
     def restore(self, saved, world_size, step):
         """Continue the generators of rng.pth; reseed (with a warning) what cannot continue exactly."""
-        if 'generators' in saved:               # written before the device generator existed: one CPU generator
-            saved = {'world_size': saved.get('world_size'), 'data': saved['generators'], 'device_type': None}
         if saved.get('world_size') != world_size:
             log.warning('checkpoint written by %s processes, now %d: random streams are reseeded',
                         saved.get('world_size'), world_size)

@@ -16,6 +16,8 @@ to tile every parameter exactly once, so a sharding this module does not know fa
 import torch
 import torch.distributed as dist
 
+from libs.distributed import all_gather_object
+
 __all__ = ['ParamLayout', 'replica_record']
 
 _WRAPPER_NAMES = ('_fsdp_wrapped_module.', '_checkpoint_wrapped_module.')
@@ -45,7 +47,7 @@ class ParamLayout:
         self.device = local[0].device
         self.local_shapes = [t.shape for t in local]
         mine = [self._my_part(p, t) for p, t in zip(self.params, local)]
-        everyone = _all_gather_object(mine) if self.sharded else [mine]
+        everyone = all_gather_object(mine) if self.sharded else [mine]
         self.parts = [[everyone[r][k] for r in range(len(everyone))] for k in range(len(self.names))]
         self._place_consecutive()
         self._check_tiling()
@@ -139,12 +141,6 @@ class ParamLayout:
         return out
 
 
-def _all_gather_object(obj):
-    objs = [None] * dist.get_world_size()
-    dist.all_gather_object(objs, obj)
-    return objs
-
-
 @torch.no_grad()
 def replica_record(layout, step, lr):
     """Check what must agree over the processes and return it as a log record (collective).
@@ -157,7 +153,7 @@ def replica_record(layout, step, lr):
     rep = float(sum(t.double().sum() for t in replicated)) if replicated else None
     part = float(sum(t.double().sum() for t in layout.local_tensors()))
     mine = (int(step), float(lr), rep, part, layout.local_numel)
-    rows = _all_gather_object(mine) if dist.is_available() and dist.is_initialized() else [mine]
+    rows = all_gather_object(mine)
     problems = []
     for i, what in ((0, 'steps'), (1, 'learning rates'), (2, 'replicated weights')):
         values = [r[i] for r in rows]

@@ -22,14 +22,14 @@ import torch
 import torch.distributed as dist
 from accelerate.utils import set_seed
 
-from libs import get_nnet
+from libs.distributed import all_gather_object, is_distributed
+from libs.model.build import get_nnet
 from libs.model.compile import compile_in_place
 from libs.training.checkpoint import (FILES, CheckpointError, commit, latest_resumable, list_checkpoints, load_checkpoint,
                              read_file, staging_dir, write_files)
-from libs.training.optimizer import make_ema, make_lr_scheduler, make_optimizer
-from libs.training.ema import EMA
+from libs.training.ema import EMA, make_ema
 from libs.training.launch import sharding_kind
-from libs.training.optimizer_state import load_optimizer_state, optimizer_state
+from libs.training.optimizer import load_optimizer_state, make_lr_scheduler, make_optimizer, optimizer_state
 from libs.training.rng import RunRNG
 from libs.training.sharding import ParamLayout, replica_record
 
@@ -42,26 +42,14 @@ def shard_file(rank):
     return f'optimizer.rank{rank}.pth'
 
 
-def _distributed():
-    return dist.is_available() and dist.is_initialized()
-
-
-def _all_gather_object(obj):
-    if not _distributed():
-        return [obj]
-    objs = [None] * dist.get_world_size()
-    dist.all_gather_object(objs, obj)
-    return objs
-
-
 class TrainState:
     """Builds the run's state for `config` on accelerator `acc`, from the newest checkpoint in `ckpt_root` if any."""
 
     def __init__(self, config, acc, ckpt_root):
         self.config, self.acc, self.ckpt_root = config, acc, ckpt_root
         self.kind, self.rank, self.world = sharding_kind(acc), acc.process_index, acc.num_processes
-        self.token = _all_gather_object(os.urandom(4).hex())[0]        # names this run's staging folders
-        self.step, states = latest_resumable(ckpt_root, self._open, agree=lambda s: min(_all_gather_object(s)))
+        self.token = all_gather_object(os.urandom(4).hex())[0]        # names this run's staging folders
+        self.step, states = latest_resumable(ckpt_root, self._open, agree=lambda s: min(all_gather_object(s)))
 
         set_seed(config.seed)                       # the initial weights, identical on every process
         self.nnet_config = config.nnet.to_dict()
@@ -122,7 +110,7 @@ class TrainState:
         local = [t for t in (*self.layout.local_tensors(), *self.ema.tensors) if t.numel()]
         flag = torch.stack([torch.isfinite(t).all() for t in local]).all().to(torch.int32).view(1) if local else \
             torch.ones(1, dtype=torch.int32, device=self.layout.device)
-        if _distributed():
+        if is_distributed():
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         if not flag.item():
             raise FloatingPointError(
@@ -138,7 +126,7 @@ class TrainState:
         files = {}
         nnet_state = self.layout.gather_full(self.layout.local_tensors(), dst=writers['nnet.pth'])
         ema_state = self.ema.full_state_dict(dst=writers['nnet_ema.pth'])
-        rng_states = _all_gather_object(self.rng.state())
+        rng_states = all_gather_object(self.rng.state())
         if self.layout.sharded:
             files[shard_file(self.rank)] = optimizer_state(self.kind, self.optimizer)
             optimizer_file = {'sharded_by': self.kind, 'world_size': self.world,
@@ -151,7 +139,7 @@ class TrainState:
         files.update({name: obj for name, obj in everything.items() if writers[name] == self.rank})
         write_files(staging_dir(self.ckpt_root, self.step, self.token), files)
         del nnet_state, ema_state, everything, files
-        if _distributed():
+        if is_distributed():
             dist.barrier()                          # every process's files are on disk before the rename
         if self.rank != 0:
             return None
