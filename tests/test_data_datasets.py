@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from libs.data.datasets import augment_batch, center_crop_arr, get_dataset
+from libs.data.datasets import augment_batch, center_crop_arr, check_dataset_config, get_dataset
 
 
 def test_digits_are_resized_labelled_and_in_range():
@@ -61,8 +61,10 @@ def test_missing_and_unknown_data():
         get_dataset('imagenet512_features', path='/nonexistent')
     with pytest.raises(ValueError, match="unknown data set 'svhn'"):
         get_dataset('svhn')
-    with pytest.raises(ValueError, match='bad config.dataset keys'):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) config.dataset.random_crop for data set 'digits'"):
         get_dataset('digits', path='x', resolution=16, random_crop=True)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) config.dataset.cfg for data set 'digits'"):
+        check_dataset_config('digits', resolution=16, cfg=True, p_uncond=0.1)
 
 
 class _Flippy:

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import eval_ldm_discrete as ev
+import libs.evaluation.evaluate
 from conftest import ROOT
 from libs import get_nnet
 from libs.evaluation.adm_metrics import load_reference, sample_metrics, save_reference
@@ -81,7 +82,7 @@ class PixelFeatures(torch.nn.Module):
 
 @pytest.fixture
 def fast_fid(monkeypatch):
-    monkeypatch.setattr(ev, 'load_inception', lambda path, device: PixelFeatures())
+    monkeypatch.setattr(libs.evaluation.evaluate, 'load_inception', lambda path, device: PixelFeatures())
 
 
 def folder_features(folder, n):
@@ -281,7 +282,6 @@ def test_upsample_sampler_loads_a_base_grid_checkpoint(assets, tmp_path):
 
 
 def test_pixel_space_digits_config_writes_the_digits_report(assets, tmp_path, monkeypatch):
-    import libs.evaluation.evaluate
     calls = []
 
     def fake_report(images, labels, out_dir, extra=None):    # the real one trains a classifier (~15 s)

@@ -138,7 +138,7 @@ def test_config_values_are_checked_before_any_work(tmp_path):
 def test_batch_that_does_not_split_over_the_processes_is_refused(tmp_path):
     workdir = tmp_path / 'split'
     proc = _run(tmp_path, workdir, '--config.train.batch_size=7', launcher=CPU_LAUNCH, check=False)
-    assert proc.returncode != 0 and 'config.train.batch_size=7 is not divisible by the 2 processes' in proc.stderr
+    assert proc.returncode != 0 and 'config.train.batch_size=7: the global batch size 7 is not divisible by the 2 processes' in proc.stderr
     assert not workdir.exists()
 
 

@@ -90,5 +90,19 @@ def test_batch_must_split_over_the_processes():
     config = _digits()
     config.train.batch_size = 64
     check_batch_split(config, 8)
-    with pytest.raises(ConfigError, match='config.train.batch_size=64 is not divisible by the 3 processes'):
+    with pytest.raises(ConfigError, match='config.train.batch_size=64: the global batch size 64 is not divisible by the 3 processes'):
         check_batch_split(config, 3)
+
+
+def test_keys_nothing_reads_are_refused_in_every_section():
+    config = _digits()
+    config.pred = 'noise_pred'
+    config.optimizer.momentum = 0.9
+    config.lr_scheduler.decay_steps = 10
+    config.sample.steps = 50
+    config.dataset.cfg = True
+    with pytest.raises(ConfigError) as e:
+        check_config(config)
+    for message in ("config.optimizer.momentum", "config.lr_scheduler.decay_steps", "config.pred: nothing reads them",
+                    "unknown key(s) config.sample.steps", "unknown key(s) config.dataset.cfg for data set 'digits'"):
+        assert message in str(e.value)

@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 
-import train_ldm_discrete as train
 from conftest import ROOT
 from host_syncs import HostSyncCounter, adamw_step_counters
 from libs.config import load_config
 from libs.training.run_logging import read_metrics
 from libs.training.launch import make_accelerator
 from libs.training.step import StepValues
+from libs.training.trainer import Trainer
 
 
 def _config(**train_keys):
@@ -24,7 +24,7 @@ def _config(**train_keys):
 
 def _trainer(config, workdir, monkeypatch):
     monkeypatch.setenv('WANDB_MODE', 'disabled')
-    return train.Trainer(config, str(workdir), make_accelerator(config))
+    return Trainer(config, str(workdir), make_accelerator(config))
 
 
 @pytest.mark.parametrize('workers', [0, 2])
@@ -57,7 +57,7 @@ def test_a_training_step_makes_no_host_sync(tmp_path, monkeypatch, workers):
     # step 1 only: the data fingerprint shown in the log, and the noise schedule copied to the device (once per
     # process: not again if an earlier test of this process copied it)
     first = sorted(per_step[1], key=lambda e: e[1])
-    assert first[-1][0] == 'Tensor.tolist' and first[-1][1].startswith('train_ldm_discrete.py'), first
+    assert first[-1][0] == 'Tensor.tolist' and first[-1][1].startswith('trainer.py'), first
     assert [kind for kind, where in first[:-1]] in ([], ['blocking Tensor.to']), first
     assert all(where.startswith('sde.py') for _, where in first[:-1]), first
     assert adamw_step_counters(trainer.state.optimizer)                  # the exclusion had something to exclude

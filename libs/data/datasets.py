@@ -153,7 +153,7 @@ RUN_KEYS = ('p_uncond', 'fid_stat')
 def _dataset_args(name, kwargs):
     """The data set's own keyword arguments of config.dataset, checked against its signature."""
     if name not in DATASETS:
-        raise ValueError(f"unknown data set config.dataset.name={name!r}; expected one of {sorted(DATASETS)}")
+        raise ValueError(f"unknown data set {name!r} (config.dataset.name); expected one of {sorted(DATASETS)}")
     args = {k: v for k, v in kwargs.items() if k not in RUN_KEYS}
     known = [p for p in inspect.signature(DATASETS[name]).parameters]
     unknown = sorted(set(args) - set(known))
@@ -174,7 +174,8 @@ def check_dataset_config(name, **kwargs):
 
 def get_dataset(name, **kwargs):
     """`get_dataset(**config.dataset)`."""
-    return DATASETS[name](**_dataset_args(name, kwargs))
+    args = _dataset_args(name, kwargs)
+    return DATASETS[name](**args)
 
 
 def _to_device_of(mask, like):

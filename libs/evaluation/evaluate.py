@@ -116,14 +116,8 @@ def _load_inputs(accelerator, config, spec, nnet_path, folder, inception_path, o
     return metric, assets, nnet, autoencoder
 
 
-def run_evaluation(accelerator, config, nnet_path, output_dir=None, inception_path=None, overwrite=False,
-                   name='config', npz=False, network_autocast=None):
-    """Sample and score (see the module docstring) on every process of `accelerator`; returns the results dict on
-    the main process, None on the others; ends with a collective call. `network_autocast`: a context factory the
-    network runs in, besides the autocast accelerate gives a model of a --mixed_precision launch (the training
-    passes its launch's, which also covers DeepSpeed and FSDP2)."""
-    start = time.time()
-    is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+def _check(accelerator, config):
+    """(SamplingSpec, n_samples, compile mode) of `config`, every key checked before anything is loaded."""
     check_top_level_keys(config)
     check_dataset_config(**config.dataset)
     spec, n = SamplingSpec.from_config(config), int(config.sample.n_samples)
@@ -133,18 +127,50 @@ def run_evaluation(accelerator, config, nnet_path, output_dir=None, inception_pa
     if compile_mode != 'none' and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise ValueError(f"config.compile={compile_mode!r} is not supported under {accelerator.distributed_type.value}"
                          " (untested): use --config.compile=none")
+    return spec, n, compile_mode
+
+
+def _write_and_score(nnet, spec, folder, batches, done, scorer, autoencoder, autocast, accelerator):
+    """Sample this process's share of the pending batches, write their missing PNGs and score them; then score its
+    share of the complete batches from their files. Returns the sampling time (s)."""
+    rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    pending = [b for b in batches if not all(i in done for i in b)]
+    complete = [b for b in batches if all(i in done for i in b)]
+    start = time.time()
+    with PngWriter(max_pending=4 * spec.mini_batch_size) as writer:
+        for indices, images in sample_batches(nnet, spec, pending[rank::world], autoencoder=autoencoder,
+                                              autocast=autocast, progress=dict(desc='sample', disable=not is_main)):
+            images = to_uint8(images)
+            for i, image in zip(indices, images):
+                if i not in done:
+                    writer.put(png_array(image), os.path.join(folder, f'{i}.png'))
+            if scorer is not None:
+                scorer.add(_scoring_batch(images, indices, done, folder), indices)
+    sampling_time = time.time() - start
+    if scorer is not None:
+        for indices in tqdm(complete[rank::world], desc='score written images', unit='batch', disable=not is_main,
+                            dynamic_ncols=True):
+            scorer.add(torch.stack([read_png(os.path.join(folder, f'{i}.png')) for i in indices]), indices)
+    return sampling_time
+
+
+def run_evaluation(accelerator, config, nnet_path, output_dir=None, inception_path=None, overwrite=False,
+                   name='config', npz=False, network_autocast=None):
+    """Sample and score (see the module docstring) on every process of `accelerator`; returns the results dict on
+    the main process, None on the others; ends with a collective call. `network_autocast`: a context factory the
+    network runs in, besides the autocast accelerate gives a model of a --mixed_precision launch (the training
+    passes its launch's, which also covers DeepSpeed and FSDP2)."""
+    start = time.time()
+    spec, n, compile_mode = _check(accelerator, config)
     folder = output_dir or default_output_dir(config, name, nnet_path)
     inception_path = inception_path or config.sample.get('inception_path') or None
+    world = accelerator.num_processes
     npz_group = dist.new_group(backend='gloo', timeout=NPZ_BARRIER_TIMEOUT) if npz and world > 1 else None
     metric, assets, nnet, autoencoder = _load_inputs(accelerator, config, spec, nnet_path, folder, inception_path,
                                                      overwrite, name)
-    done = set(image_names(folder)[0])
-    batches = spec.index_batches(n)
-    pending = [b for b in batches if not all(i in done for i in b)]
-    complete = [b for b in batches if all(i in done for i in b)]
-    to_write = sum(i not in done for b in pending for i in b)
+    done, batches = set(image_names(folder)[0]), spec.index_batches(n)
+    to_write = sum(i not in done for i in range(n))
     accelerator.wait_for_everyone()                  # every process has listed the folder before any writes
-
     # accelerate places no model on the device under an FSDP launch (the training's final evaluation runs in one)
     nnet = accelerator.prepare_model(nnet.to(accelerator.device), evaluation_mode=True)  # --mixed_precision autocast
     nnet = compile_network(nnet, compile_mode)
@@ -155,22 +181,8 @@ def run_evaluation(accelerator, config, nnet_path, output_dir=None, inception_pa
     scorer = SampleScorer(assets[1], n) if metric == 'fid' else None
     sampling_time, error = 0.0, None
     try:
-        sample_start = time.time()
-        with PngWriter(max_pending=4 * spec.mini_batch_size) as writer:
-            for indices, images in sample_batches(nnet, spec, pending[rank::world], autoencoder=autoencoder,
-                                                  autocast=network_autocast or contextlib.nullcontext,
-                                                  progress=dict(desc='sample', disable=not is_main)):
-                images = to_uint8(images)
-                for i, image in zip(indices, images):
-                    if i not in done:
-                        writer.put(png_array(image), os.path.join(folder, f'{i}.png'))
-                if scorer is not None:
-                    scorer.add(_scoring_batch(images, indices, done, folder), indices)
-        sampling_time = time.time() - sample_start
-        if scorer is not None:
-            for indices in tqdm(complete[rank::world], desc='score written images', unit='batch',
-                                disable=not is_main, dynamic_ncols=True):
-                scorer.add(torch.stack([read_png(os.path.join(folder, f'{i}.png')) for i in indices]), indices)
+        sampling_time = _write_and_score(nnet, spec, folder, batches, done, scorer, autoencoder,
+                                         network_autocast or contextlib.nullcontext, accelerator)
     except Exception as e:
         error = e
     raise_if_any_failed(error, accelerator.device)   # every PNG of every process is written from here on
@@ -181,7 +193,7 @@ def run_evaluation(accelerator, config, nnet_path, output_dir=None, inception_pa
                    images_per_s=round(to_write / sampling_time, 3) if to_write else None)
     results = None
     try:
-        if is_main:
+        if accelerator.is_main_process:
             results = _report(metric, assets, metrics, not_computed, folder, spec, n, timings, start, nnet_path,
                               accelerator, npz)
     except Exception as e:
