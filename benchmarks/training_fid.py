@@ -1,4 +1,4 @@
-"""Wall-clock cost of train_ldm_discrete.py's in-training FID (libs/training/fid.py) for a tiny latent DiM on CPU,
+"""Wall-clock cost of train_ldm_discrete.py's in-training FID (libs/training/evaluation.py) for a tiny latent DiM on CPU,
 with 1 and with 2 processes.
 
     python benchmarks/training_fid.py [--n 1000] [--steps 50] [--batch 50] [--processes 1 2] [--cores 2]
@@ -9,7 +9,7 @@ DiM (width 32, 3 layers, patch 2, 4x4x4 latents, 1000 classes) on 16 random feat
 network at step 2 on --n samples (DPM-Solver, --steps steps, guidance 0.4, mini-batches of --batch), decoded by a
 tiny random VAE (8x8 images) and scored by the FID Inception. The Inception weights, the VAE and the reference
 statistics are random (made here, nothing downloaded): the speed does not depend on the values, only the FID value
-is meaningless. The time is TrainingFID's own `fid<N>_time_s` from the run's log.jsonl (sampling, decoding,
+is meaningless. The time is the in-training FID's own `fid<N>_time_s` from the run's log.jsonl (sampling, decoding,
 Inception, gathering, metrics); the final evaluation of the best checkpoint that ends every run (--batch samples)
 is not timed. 1 process: `python`; 2 processes: accelerate launch on gloo; both with ACCELERATE_USE_CPU=1 and
 OMP_NUM_THREADS = --cores / processes (default 2 cores, the machine this was written for: 2 threads for 1 process,

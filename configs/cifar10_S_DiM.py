@@ -18,6 +18,7 @@ def get_config():
     config.gradient_accumulation_steps = 1
     config.max_grad_norm = None  # the official CIFAR run had no clipping
     config.gradient_checkpointing = False
+    config.recompute = 'auto'         # 'on' / 'off': recompute activations in backward (auto: only when memory is short)
 
     config.train = d(n_steps=500000, batch_size=128, mode='uncond',
                      log_interval=10, eval_interval=5000, save_interval=50000, fid_interval=50000,

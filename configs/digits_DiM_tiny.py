@@ -20,6 +20,7 @@ def get_config():
     config.gradient_accumulation_steps = 1
     config.max_grad_norm = 1.0
     config.gradient_checkpointing = False
+    config.recompute = 'auto'         # 'on' / 'off': recompute activations in backward (auto: only when memory is short)
 
     config.train = d(n_steps=1200, batch_size=64, mode='cond', log_interval=10,
                      eval_interval=600, save_interval=600, keep_ckpts=2, num_workers=0,

@@ -17,6 +17,7 @@ def get_config():
     # On: without it the official per-GPU batch needs more than an 80 GB card holds under DDP (the sharded launches
     # leave little headroom; libs/model/memory_estimate.py, python benchmarks/activation_memory.py prints the table).
     config.gradient_checkpointing = True
+    config.recompute = 'auto'         # 'on' / 'off': recompute activations in backward (auto: only when memory is short)
 
     config.train = d(n_steps=750000, batch_size=768, mode='cond',
                      log_interval=10, eval_interval=5000, save_interval=25000, fid_interval=25000,

@@ -15,6 +15,7 @@ def get_config():
     config.gradient_accumulation_steps = 1
     config.max_grad_norm = 1.0
     config.gradient_checkpointing = False
+    config.recompute = 'auto'         # 'on' / 'off': recompute activations in backward (auto: only when memory is short)
 
     config.train = d(n_steps=300000, batch_size=1024, mode='cond',
                      log_interval=10, eval_interval=5000, save_interval=25000, fid_interval=25000,

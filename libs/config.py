@@ -18,7 +18,7 @@ class ConfigError(ValueError):
 # config.train by libs.training.config, config.sample by libs.sampling, config.nnet by libs.model.build,
 # config.dataset by libs.data.datasets, config.optimizer / lr_scheduler by libs.training.optimizer).
 TOP_LEVEL_KEYS = ('seed', 'compile', 'z_shape', 'gradient_accumulation_steps', 'max_grad_norm',
-                  'gradient_checkpointing', 'train', 'optimizer', 'lr_scheduler', 'nnet', 'dataset', 'sample',
+                  'gradient_checkpointing', 'recompute', 'train', 'optimizer', 'lr_scheduler', 'nnet', 'dataset', 'sample',
                   'autoencoder')
 AUTOENCODER_KEYS = ('pretrained_path',)
 DEFAULT_NUM_CLASSES = 1000          # config.nnet.num_embeds_ada_norm when unset (libs.model.build's default)

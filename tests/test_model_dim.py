@@ -213,9 +213,10 @@ def test_recompute_and_checkpointing_change_no_bit_of_the_gradients(autocast):
     model = randomized(get_nnet(**TINY, attention_head_dim=64)).train()
     x, t, y = _inputs()
     runs = []
-    for ckpt in (False, True):
-        model.gradient_checkpointing = ckpt
+    for ckpt, recompute in ((False, True), (True, True), (False, False)):
+        model.gradient_checkpointing, model.recompute = ckpt, recompute
         runs.append(_loss_and_grads(model, x, t, y, autocast))
-    (out, grads), (ref, ref_grads) = runs
-    assert torch.equal(out, ref)
-    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    (ref, ref_grads), *others = runs
+    for out, grads in others:
+        assert torch.equal(out, ref)
+        assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))

@@ -1,4 +1,7 @@
-"""Bytes saved for backward, measured against the design figures computed from the shapes; the config defaults."""
+"""Bytes saved for backward, measured against the design figures computed from the shapes; the config defaults;
+when config.recompute='auto' recomputes."""
+import functools
+
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -6,8 +9,10 @@ from torch.utils.checkpoint import checkpoint
 from conftest import ROOT
 from libs import get_nnet
 from libs.config import load_config
-from libs.model.memory_estimate import (SavedBytes, block_bytes_per_sample, block_bytes_per_token, config_memory_estimate,
-                                  head_bytes_per_image_token, sequence_length)
+from libs.model import memory_estimate
+from libs.model.memory_estimate import (KEPT_EXTRA_PER_D, SavedBytes, block_bytes_per_sample, block_bytes_per_token,
+                                        choose_recompute, config_memory_estimate, head_bytes_per_image_token,
+                                        sequence_length)
 
 TRAIN_CONFIGS = ['cifar10_S_DiM', 'digits_DiM_tiny', 'imagenet256_H_DiM', 'imagenet256_L_DiM', 'imagenet512_H_DiM_ft']
 
@@ -106,3 +111,46 @@ def test_checkpointing_is_on_exactly_where_the_batch_does_not_fit(name):
 def test_operand_bytes_are_checked():
     with pytest.raises(ValueError, match='operand_bytes'):
         block_bytes_per_token(64, operand_bytes=1)
+
+
+@pytest.mark.parametrize('autocast, e', [(False, 4), (True, 2)])
+def test_a_block_that_keeps_its_intermediates_saves_about_the_measured_extra(autocast, e):
+    model = get_nnet('Mamba_DiT_H_2', attention_head_dim=256, num_layers=5, num_embeds_ada_norm=10,
+                     sample_size=8).train()
+    L = 31
+    recomputing = _block_saved(model, 0, L, autocast)
+    model.transformer_blocks[0].forward = functools.partial(type(model.transformer_blocks[0]).forward,
+                                                            model.transformer_blocks[0], recompute=False)
+    keeping = _block_saved(model, 0, L, autocast)
+    extra_per_d = (keeping - recomputing) / (L * 256)
+    assert extra_per_d == pytest.approx(KEPT_EXTRA_PER_D[e], rel=0.1)
+
+
+def _digits_config(**changes):
+    config = load_config(str(ROOT / 'configs' / 'digits_DiM_tiny.py'))
+    config.update(changes)
+    return config
+
+
+def test_recompute_on_and_off_are_taken_as_they_are(monkeypatch):
+    monkeypatch.setattr(memory_estimate, '_device_memory', lambda device: 0)     # nothing would fit
+    assert choose_recompute(_digits_config(recompute='off'), 'cpu') is False
+    assert choose_recompute(_digits_config(recompute='on'), 'cpu') is True
+    with pytest.raises(ValueError, match="config.recompute='sometimes'"):
+        choose_recompute(_digits_config(recompute='sometimes'), 'cpu')
+
+
+def test_auto_keeps_the_intermediates_only_where_they_fit(monkeypatch, caplog):
+    digits = _digits_config()
+    est = config_memory_estimate(digits, 1, operand_bytes=4)
+    need = est['activations_kept'] + est['state_replicated']
+    assert est['activations_kept'] > est['activations']
+    monkeypatch.setattr(memory_estimate, '_device_memory', lambda device: need * 1.01)
+    with caplog.at_level('INFO', logger='libs.model.memory_estimate'):
+        assert choose_recompute(digits, 'cpu') is False
+    assert 'keep every intermediate' in caplog.text
+    monkeypatch.setattr(memory_estimate, '_device_memory', lambda device: need * 0.99)
+    assert choose_recompute(digits, 'cpu') is True
+    h256 = load_config(str(ROOT / 'configs' / 'imagenet256_H_DiM.py'))             # an 80 GB card, 8 processes
+    monkeypatch.setattr(memory_estimate, '_device_memory', lambda device: 0.9 * 80e9)
+    assert choose_recompute(h256, 'cuda', processes=8, sharded=True, bf16=True) is True

@@ -83,3 +83,13 @@ def test_a_checkpoint_of_a_sharded_launch_stops_an_unsharded_one(setup, tmp_path
                f'{path}/optimizer.pth')
     with pytest.raises(CheckpointError, match='saved by a zero2 run over 8 processes, this launch is replicated over 1'):
         TrainState(config, acc, str(tmp_path))
+
+
+def test_the_network_recomputes_as_config_recompute_says(setup, tmp_path):
+    config, acc, _ = setup
+    chosen = {}
+    for mode in ('on', 'off', 'auto'):
+        config.recompute = mode
+        chosen[mode] = TrainState(config, acc, str(tmp_path / mode)).nnet.recompute
+    config.recompute = 'auto'
+    assert chosen == {'on': True, 'off': False, 'auto': False}      # the tiny digits network fits in memory

@@ -195,6 +195,11 @@ class DiM(nn.Module):
     width/depth: D and number of blocks; table_grid: side of the learned positional table (tokens);
     pad_layout: 'lateral' (256 checkpoints) or 'rho_pad' (512 and upsample checkpoints);
     skip_tune: None or (top, bottom, schedule) rescaling of the long skips, schedule 'official'|'timestep'.
+
+    Two attributes trade compute for activation memory in training (neither changes a number):
+    `recompute` (default True): each block keeps only its input stream and in_proj's output for backward and
+    recomputes its norm, conv, dt and scan there (docs/architecture.md §12); False keeps every intermediate.
+    `gradient_checkpointing` (default False): each block keeps only its input and reruns whole in backward.
     """
 
     def __init__(self, width, depth, in_channels, patch_size, num_classes, table_grid,
@@ -213,6 +218,7 @@ class DiM(nn.Module):
         if skip_tune is not None and len(consumers) < 2:
             raise ValueError('is_skip_tune needs at least two long-skip layers')
         self.gradient_checkpointing = False
+        self.recompute = True
 
         # Registration order = the official state_dict order.
         self.additional_embed = nn.Parameter(torch.zeros(1, N_EXTRA + table_grid ** 2, width))
@@ -302,7 +308,7 @@ class DiM(nn.Module):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 u = checkpoint(block, *args, recompute=False, use_reentrant=False)
             else:
-                u = block(*args)
+                u = block(*args, recompute=self.recompute)
             if l in self.skip_sources:
                 skips.append(u)
 
@@ -310,7 +316,7 @@ class DiM(nn.Module):
         image = u[:, N_EXTRA + P:].index_select(1, layout.image_positions)
         image = SequenceAdapter.smooth(self.a4m_adapter.last_smoother, image, h, w).float()
         shift, scale = self.proj_out_1(F.silu(t_tok + c_tok.float())).chunk(2, dim=1)
-        out = self.proj_out_2(self.norm_out(image, shift, scale))              # (B, h*w, p*p*C)
+        out = self.proj_out_2(self.norm_out(image, shift, scale, recompute=self.recompute))   # (B, h*w, p*p*C)
         p, C = self.patch_size, self.in_channels
         out = out.float().view(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4)
         return out.reshape(B, C, h * p, w * p)

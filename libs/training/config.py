@@ -11,6 +11,7 @@ from libs.config import ConfigError, check_top_level_keys
 from libs.data.batching import per_rank_batch
 from libs.data.datasets import check_dataset_config
 from libs.model.compile import COMPILE_MODES
+from libs.model.memory_estimate import RECOMPUTE_MODES
 from libs.sampling import SamplingSpec
 from libs.training.optimizer import make_lr_scheduler, make_optimizer
 
@@ -99,6 +100,9 @@ def _choice_problems(config):
     if _is_int(fi) and fi > 0 and _is_int(save) and save > 0 and fi % save:
         yield (f"config.train.fid_interval={fi} must be a multiple of config.train.save_interval={save} (the "
                "best-FID checkpoint is evaluated at the end), or 0 for no in-training FID")
+    if config.get('recompute', 'auto') not in RECOMPUTE_MODES:
+        yield (f"config.recompute={config.get('recompute')!r}; expected one of "
+               f"{', '.join(map(repr, RECOMPUTE_MODES))}")
     if config.get('compile', 'none') not in COMPILE_MODES:
         yield f"config.compile={config.get('compile')!r}; expected one of {', '.join(map(repr, COMPILE_MODES))}"
     if tc.get('mode') not in ('cond', 'uncond'):

@@ -24,7 +24,8 @@ from accelerate.utils import DistributedType
 
 from libs.training.config import check_batch_split
 
-__all__ = ['LaunchError', 'make_accelerator', 'check_launch', 'check_compile', 'configure_cuda', 'forward_autocast', 'sharding_kind']
+__all__ = ['LaunchError', 'make_accelerator', 'check_launch', 'check_compile', 'configure_cuda', 'forward_autocast', 'trains_in_bf16',
+           'sharding_kind']
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,11 @@ def configure_cuda(device):
              'on' if major >= 8 else 'allowed (no TF32 before Ampere)')
 
 
+def trains_in_bf16(acc):
+    """Whether the launch trains in bf16 (--mixed_precision bf16, or a DeepSpeed config with bf16 enabled)."""
+    return _deepspeed_precision(acc) == 'bf16' or acc.mixed_precision == 'bf16'
+
+
 def forward_autocast(acc):
     """Context for the network's forward: bf16 autocast when the launch trains in bf16, else nothing.
 
@@ -180,6 +186,6 @@ def forward_autocast(acc):
     weights): there the fp32 tensors the network makes inside its forward meet bf16 Linear weights. Nested inside
     accelerate's own autocast it changes nothing.
     """
-    if _deepspeed_precision(acc) == 'bf16' or acc.mixed_precision == 'bf16':
+    if trains_in_bf16(acc):
         return lambda: torch.autocast(device_type=acc.device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext

@@ -25,10 +25,11 @@ from accelerate.utils import set_seed
 from libs.distributed import all_gather_object, is_distributed
 from libs.model.build import get_nnet
 from libs.model.compile import compile_in_place
+from libs.model.memory_estimate import choose_recompute
 from libs.training.checkpoint import (FILES, CheckpointError, commit, latest_resumable, list_checkpoints, load_checkpoint,
                              read_file, staging_dir, write_files)
 from libs.training.ema import EMA, make_ema
-from libs.training.launch import sharding_kind
+from libs.training.launch import sharding_kind, trains_in_bf16
 from libs.training.optimizer import load_optimizer_state, make_lr_scheduler, make_optimizer, optimizer_state
 from libs.training.rng import RunRNG
 from libs.training.sharding import ParamLayout, replica_record
@@ -56,6 +57,8 @@ class TrainState:
         self.nnet_config.pop('pretrained_path', None)
         model = get_nnet(**(self.nnet_config if states is not None else config.nnet.to_dict()))
         model.gradient_checkpointing = bool(config.get('gradient_checkpointing', False))
+        model.recompute = choose_recompute(config, acc.device, self.world, self.kind != 'replicated',
+                                           trains_in_bf16(acc))
         full_shapes = {n: p.shape for n, p in model.named_parameters()}
         if set(model.state_dict()) != set(full_shapes):
             raise RuntimeError('the network has buffers; the EMA and checkpoint code handles parameters only')
