@@ -39,9 +39,6 @@
 
 #define DIM_SCAN_ABI 1
 
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-
 typedef struct {
     /* inputs */
     const float *dt, *u, *A, *Bm, *Cm;
@@ -61,12 +58,20 @@ typedef struct {
 
 typedef void (*unit_fn)(const Args *, int64_t, float *);
 
-/* ---------------------------------------------------------------- ISA variants of the kernel */
+/* ---------------------------------------------------------------- ISA variants of the kernel
+ * VW: lanes of one hardware vector; SF, SB: states a forward / backward pass keeps in registers (see scan_kernel.inc).
+ * The baseline variant is SSE2 on x86-64 and NEON on aarch64 (GCC vector extensions only, no intrinsics). */
 #define SFX _generic
 #define ISA_AVX512 0
+#define VW 4
+#define SF 8
+#define SB 4
 #include "scan_kernel.inc"
 #undef SFX
 #undef ISA_AVX512
+#undef VW
+#undef SF
+#undef SB
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define HAVE_X86_VARIANTS 1
@@ -74,9 +79,15 @@ typedef void (*unit_fn)(const Args *, int64_t, float *);
 #pragma GCC target("avx2,fma,bmi,bmi2,f16c")
 #define SFX _avx2
 #define ISA_AVX512 0
+#define VW 8
+#define SF 8
+#define SB 8
 #include "scan_kernel.inc"
 #undef SFX
 #undef ISA_AVX512
+#undef VW
+#undef SF
+#undef SB
 #pragma GCC pop_options
 
 #pragma GCC push_options
@@ -84,9 +95,15 @@ typedef void (*unit_fn)(const Args *, int64_t, float *);
 #include <immintrin.h>
 #define SFX _avx512
 #define ISA_AVX512 1
+#define VW 16
+#define SF 16
+#define SB 16
 #include "scan_kernel.inc"
 #undef SFX
 #undef ISA_AVX512
+#undef VW
+#undef SF
+#undef SB
 #pragma GCC pop_options
 #else
 #define HAVE_X86_VARIANTS 0
