@@ -275,29 +275,38 @@ def test_gradcheck_float64_reference_agrees():
     assert torch.autograd.gradcheck(lambda *x: ref_scan(*x)[0], inputs)
 
 
+def exp_edge_inputs():
+    x = torch.tensor([0.0, -0.0, -1e-30, 1e-30, -1e-3, -0.34, -0.35, -0.5, -1.0, -10.0, -50.0, -87.0, -87.5, -95.0,
+                      -103.0, -103.9, -104.0, -120.0, -1e4, -1e30, 1e-3, 1.0, 10.0, 50.0, 88.0, 88.7, 88.8, 100.0,
+                      1e30, float('-inf'), float('inf'), float('nan')])
+    return torch.cat([x, torch.linspace(-110, 90, 20011)])
+
+
+def assert_exp_like_expf(x, got, what):
+    """got = the kernel's exp(x): about 2 ulp where exp(x) is a normal float, correctly rounded denormals, 0 below,
+    +inf above, NaN for NaN."""
+    want, got = torch.exp(x.double()), got.double()
+    fin = torch.isfinite(want) & (want > 2.0 ** -126) & (want < 3.4e38)
+    # about 2 ulp (2^-23 relative), plus the rounding of x*log2(e): up to |x| * 2^-24
+    bound = (5 * 2.0 ** -24 + 1.5 * x.double().abs() * 2.0 ** -24).nan_to_num(1.0).clamp(max=1.0)
+    err = (got[fin] - want[fin]).abs() / want[fin]
+    assert (err <= bound[fin]).all(), (what, err.max().item())
+    tiny = want <= 2.0 ** -126                                 # denormal range or zero: absolute error
+    assert ((got[tiny] - want[tiny]).abs() <= bound[tiny] * want[tiny] + 2.0 ** -149).all(), what
+    big = want >= 3.41e38
+    assert (torch.isinf(got[big]) & (got[big] > 0)).all(), what
+    assert torch.isnan(got[torch.isnan(want)]).all(), what
+    assert got[x == float('-inf')].item() == 0.0, what
+
+
 def test_exp_edge_cases():
     """The kernel evaluates exp(dt*A) as 2^(dt * A*log2 e) with a vector polynomial: it must behave like expf on any
     input (0 / correctly rounded denormals below, +inf above, NaN stays NaN), in every ISA variant, through both of
     its paths (the shorter one where a whole vector of arguments keeps 2^x normal)."""
-    x = torch.tensor([0.0, -0.0, -1e-30, 1e-30, -1e-3, -0.34, -0.35, -0.5, -1.0, -10.0, -50.0, -87.0, -87.5, -95.0,
-                      -103.0, -103.9, -104.0, -120.0, -1e4, -1e30, 1e-3, 1.0, 10.0, 50.0, 88.0, 88.7, 88.8, 100.0,
-                      1e30, float('-inf'), float('inf'), float('nan')])
-    x = torch.cat([x, torch.linspace(-110, 90, 20011)])
-    want = torch.exp(x.double())
+    x = exp_edge_inputs()
     for isa in ISAS:
         with forced_isa(isa):
-            got = scan_cpu.kernel_exp(x).double()
-        fin = torch.isfinite(want) & (want > 2.0 ** -126) & (want < 3.4e38)
-        # about 2 ulp (2^-23 relative), plus the rounding of x*log2(e): up to |x| * 2^-24
-        bound = (5 * 2.0 ** -24 + 1.5 * x.double().abs() * 2.0 ** -24).nan_to_num(1.0).clamp(max=1.0)
-        err = (got[fin] - want[fin]).abs() / want[fin]
-        assert (err <= bound[fin]).all(), (isa, err.max().item())
-        tiny = want <= 2.0 ** -126                                 # denormal range or zero: absolute error
-        assert ((got[tiny] - want[tiny]).abs() <= bound[tiny] * want[tiny] + 2.0 ** -149).all(), isa
-        big = want >= 3.41e38
-        assert (torch.isinf(got[big]) & (got[big] > 0)).all(), isa
-        assert torch.isnan(got[torch.isnan(want)]).all(), isa
-        assert got[x == float('-inf')].item() == 0.0
+            assert_exp_like_expf(x, scan_cpu.kernel_exp(x), isa)
 
 
 @pytest.mark.parametrize('isa', ISAS)
