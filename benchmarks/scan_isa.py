@@ -10,9 +10,10 @@ every input):
   full   ``libs.scan.selective_scan`` on the cpu backend with delta_bias, softplus, D and z (what the Mamba mixer
          calls), batch 2, N 16;
   core   the kernel alone, ``libs.scan.cpu.scan_core`` (dt already softplus'd).
-The table gives the minimum over the repeats (the median is in the JSON and in brackets), the bytes bound of the
-core (scan.py's, from the copy bandwidth measured in the same run), and every variant's time over the first one
-listed. A variant the CPU lacks is reported as such, not timed. Writes scan_isa[_TAG].json to --out.
+The tables give the minimum wall time over the repeats (the median in brackets), the bytes bound of the core
+(scan.py's, from the copy bandwidth measured in the same run) and every variant's time over the first one listed;
+then the same ratios of the process CPU times, which a machine busy with other work inflates less. A variant the
+CPU lacks is reported as such, not timed. Writes every time to scan_isa[_TAG].json in --out.
 """
 import json
 import os
@@ -83,20 +84,25 @@ def worker(cfg):
         else:
             isas.append(name)
     times = {f'{isa}_{op}_{mode}': [] for isa in isas for op in OPS for mode in MODES}
+    cpu_times = {k: [] for k in times}
     try:
         for rep in range(cfg['repeats'] + 1):                # the first round warms up and is not kept
             for isa in isas:
                 scan_cpu.isa(isa)
                 for (op, mode), run in runs.items():
-                    t0 = time.perf_counter()
+                    c0, t0 = time.process_time(), time.perf_counter()
                     run()
                     if rep:
                         times[f'{isa}_{op}_{mode}'].append(1e3 * (time.perf_counter() - t0))
+                        cpu_times[f'{isa}_{op}_{mode}'].append(1e3 * (time.process_time() - c0))
     finally:
         scan_cpu.isa('auto')
     out['all_ms'] = times
     out['min_ms'] = {k: min(v) for k, v in times.items()}
     out['median_ms'] = {k: statistics.median(v) for k, v in times.items()}
+    # CPU time of the process (all its threads): what a run cost, without the time other processes held the core
+    out['all_cpu_ms'] = cpu_times
+    out['min_cpu_ms'] = {k: min(v) for k, v in cpu_times.items()}
     out['isas_timed'] = isas
     return out
 
@@ -131,6 +137,11 @@ def print_tables(rows, isas):
             if k == 0:
                 print('  '.join('-' * w for w in widths))
     print('times in ms: minimum (median) over the repeats; ratios of the minima')
+    print(f'\nratios to {first} of the minimum process CPU time (a busy machine inflates wall time, less CPU time):')
+    for r in rows:
+        cells = [f"{i}/{first} {op} {m}: {r['min_cpu_ms'][f'{i}_{op}_{m}'] / r['min_cpu_ms'][f'{first}_{op}_{m}']:.2f}"
+                 for op in OPS for m in MODES for i in isas[1:] if f'{i}_{op}_{m}' in r['min_cpu_ms']]
+        print(f"  D={r['D']} L={r['L']}: " + ', '.join(cells))
 
 
 def main(args, meta, run_worker, bounds):

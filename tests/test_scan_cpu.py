@@ -156,6 +156,8 @@ def test_isa_forcing():
         with forced_isa(name) as got:
             assert got == (name if name in ISAS else best)
     assert scan_cpu.isa() == best
+    with pytest.raises(ValueError, match='avx2'):
+        scan_cpu.isa('sse4')
 
 
 @pytest.mark.parametrize('dt_scale', ['normal', 'large'])

@@ -5,19 +5,22 @@
  *   y_t = sum_n C_t[n] h_t[:, n]
  *
  * Layouts (all fp32, C-contiguous): dt, u, y: (Bsz, D, L); A: (D, N); B, C: (Bsz, N, L);
- * last_state: (Bsz, D, N).  The (Bsz, D, L, N) state tensor is never materialised: the forward keeps the
- * state of 16 channels x 16 states in registers and, when a backward will follow, saves only the states at the
- * entry of every K-step segment.  The backward walks the segments in reverse, recomputes the K states of a
+ * last_state: (Bsz, D, N).  The (Bsz, D, L, N) state tensor is never materialised: the forward keeps the states
+ * of a block of 16 channels in registers over a K-step segment and, when a backward will follow, saves only the
+ * states at the entry of every segment.  The backward walks the segments in reverse, recomputes the K states of a
  * segment into a small cache-resident buffer and runs the reverse recurrence
  *   g_t = C_t gy_t + exp(dt_{t+1} A) (.) g_{t+1}
- * from which every input gradient follows (see bwd_chunk in scan_kernel.inc).
+ * from which every input gradient follows (see scan_backward.inc).
  *
- * Vectorisation: one vector = 16 channels ("lanes"); the 16 states of a chunk of N are 16 vectors.  exp(dt*A) is a
- * vector 2^x (reduction + degree-6 polynomial + scaling, about 1-2 ulp, IEEE behaviour at the extremes).  Inputs
- * (channel rows) are transposed to time-major tiles with in-register 16x16 transposes; B and C are transposed once
- * per call; the next segment's rows are software-prefetched during the current one.  The kernel is written once
- * with GCC vector extensions (scan_kernel.inc) and compiled three times: AVX-512, AVX2+FMA and the baseline ISA; the
- * best one the CPU supports is chosen at run time (no -march needed).
+ * Vectorisation: a vector lane is a channel.  The kernel is written once with GCC vector extensions over the
+ * hardware's own vector width (scan_simd.inc, scan_kernel.inc) and compiled three times: AVX-512 (16 lanes), AVX2+FMA
+ * (8 lanes) and the baseline ISA (4 lanes: SSE2 on x86-64, NEON on aarch64); the best one the CPU supports is chosen
+ * at run time (no -march needed).  A 16-channel block is covered by 16 / lanes vectors, and the 16 states of a chunk
+ * of N in passes of as many states as the register file holds.  exp(dt*A) is a vector 2^x (reduction + degree-6
+ * polynomial + scaling, about 1-2 ulp, IEEE behaviour at the extremes), with a shorter scaling in segments where no
+ * dt*A can leave the normal range.  Inputs (channel rows) are transposed to time-major tiles with in-register
+ * transposes; B and C are transposed once per call; the next segment's rows are software-prefetched during the
+ * current one.  The data layout, and with it the saved states, is the same for every variant.
  *
  * Threads: work units ((batch, channel block) in the forward, (batch, fixed group of channel blocks) in the
  * backward) claimed from an atomic counter by the caller and per-call helper pthreads (see run_pool).  Every unit's
