@@ -62,7 +62,8 @@ typedef struct {
 typedef void (*unit_fn)(const Args *, int64_t, float *);
 
 /* ---------------------------------------------------------------- ISA variants of the kernel
- * VW: lanes of one hardware vector; SF, SB: states a forward / backward pass keeps in registers (see scan_kernel.inc).
+ * VW: lanes of one hardware vector; SF, SB: states a forward / backward pass keeps in registers (see scan_kernel.inc,
+ * which undefines these parameters again).
  * The baseline variant is SSE2 on x86-64 and NEON on aarch64 (GCC vector extensions only, no intrinsics). */
 #define SFX _generic
 #define ISA_AVX512 0
@@ -70,11 +71,6 @@ typedef void (*unit_fn)(const Args *, int64_t, float *);
 #define SF 8
 #define SB 4
 #include "scan_kernel.inc"
-#undef SFX
-#undef ISA_AVX512
-#undef VW
-#undef SF
-#undef SB
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define HAVE_X86_VARIANTS 1
@@ -86,11 +82,6 @@ typedef void (*unit_fn)(const Args *, int64_t, float *);
 #define SF 8
 #define SB 8
 #include "scan_kernel.inc"
-#undef SFX
-#undef ISA_AVX512
-#undef VW
-#undef SF
-#undef SB
 #pragma GCC pop_options
 
 #pragma GCC push_options
@@ -102,11 +93,6 @@ typedef void (*unit_fn)(const Args *, int64_t, float *);
 #define SF 16
 #define SB 16
 #include "scan_kernel.inc"
-#undef SFX
-#undef ISA_AVX512
-#undef VW
-#undef SF
-#undef SB
 #pragma GCC pop_options
 #else
 #define HAVE_X86_VARIANTS 0
