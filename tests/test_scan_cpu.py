@@ -185,8 +185,8 @@ def test_full_semantics_for_every_isa(monkeypatch, L, dt_scale):
         ss.reset()
 
 
-def test_segments_with_extreme_exponents_take_the_exact_path():
-    """A segment whose dt*A may leave fp32's normal range is computed with the full exp (the others with the shorter
+def test_segments_with_extreme_exponents_take_the_general_exp_path():
+    """A segment whose dt*A may leave fp32's normal range is computed with the general exp (the others with the shorter
     one): one channel given a huge dt in one step changes no other channel's results beyond rounding, and the scan
     still matches the float64 reference (exp(dt*A) underflowing to 0 there)."""
     delta, u, A, B, C = make_inputs(2, 20, 150, 16, 'normal', seed=21)
