@@ -43,7 +43,8 @@ setup(
         Extension(
             "libs.scan._cpu_kernel",
             sources=["libs/scan/csrc/scan_cpu.c"],
-            depends=["libs/scan/csrc/scan_kernel.inc"],
+            depends=["libs/scan/csrc/scan_kernel.inc", "libs/scan/csrc/scan_backward.inc",
+                     "libs/scan/csrc/scan_simd.inc"],
             extra_compile_args=cflags,
             extra_link_args=ldflags,
             optional=True,

@@ -3,6 +3,7 @@
     python benchmarks/scan.py                 # full grid: L in {366, 1230, 4494, 9806} x D in {256, 1024}
     python benchmarks/scan.py --quick         # L in {366, 1230} x D = 256, fewer repeats
     python benchmarks/scan.py --out DIR --threads 2 --lengths 366 4494 --dims 1024
+    python benchmarks/scan.py --isa avx512 avx2 generic   # the C kernel's instruction-set variants (scan_isa.py)
 
 Implementations (all compute the scan core: dt already softplus'd; y_t = C_t . h_t, h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t):
   loop     the algorithm of mamba_ssm's `selective_scan_ref`: precompute exp(dt A) and dt B u as (B, D, L, N), a Python
@@ -20,7 +21,7 @@ run; their time is an ESTIMATE from a fit T = D (a L + b L^2) to the measured lo
 speedups use a conservative lower bound (linear scaling from the largest measured L, marked '>='). Its peak memory is
 taken with a watchdog that reports VmHWM after about 3x its forward time (at most --loop-cap seconds; the peak comes in
 the first backward steps); a capped figure is a lower bound (marked '>=').
-Writes scan.json and scan.png to --out (default benchmarks/results/).
+Writes scan.json and scan.png to --out (default benchmarks/results/); with --tag T, scan_T.json and scan_T.png.
 """
 import argparse
 import json
@@ -94,6 +95,9 @@ def _status(key):
 
 
 def _worker(cfg):
+    if cfg['what'] == 'isa':
+        from benchmarks import scan_isa
+        return scan_isa.worker(cfg)
     import torch
     torch.set_num_threads(cfg['threads'])
     fn = _get_impl(cfg['impl'])
@@ -259,8 +263,8 @@ def main():
     ap.add_argument('--lengths', type=int, nargs='+', default=None)
     ap.add_argument('--dims', type=int, nargs='+', default=None)
     ap.add_argument('--impls', nargs='+', default=list(IMPLS), choices=IMPLS)
-    ap.add_argument('--threads', type=int, default=None, help='default: torch.get_num_threads()')
-    ap.add_argument('--repeats', type=int, default=None, help='timed runs after the warm-up (default 5; 3 quick)')
+    ap.add_argument('--threads', type=int, default=None, help='default: torch.get_num_threads(); 1 with --isa')
+    ap.add_argument('--repeats', type=int, default=None, help='timed runs after the warm-up (default 5; 3 quick; 7 with --isa)')
     ap.add_argument('--budget', type=float, default=20.0, help='seconds of timed runs per measurement (at least 1 run)')
     ap.add_argument('--loop-cap', type=float, default=90.0,
                     help='longest loop fwd+bwd run attempted (s); longer ones are estimated')
@@ -268,22 +272,41 @@ def main():
     ap.add_argument('--reuse', metavar='JSON',
                     help='take the columns of implementations not in --impls from an earlier scan.json '
                          '(e.g. --impls cpu --reuse old.json re-measures only the kernel)')
+    ap.add_argument('--isa', nargs='+', choices=('avx512', 'avx2', 'generic'),
+                    help="time the C kernel's instruction-set variants against each other instead (scan_isa.py; "
+                         "default there: 1 thread, D in {256, 1024} x L in {366, 1230}, 7 repeats)")
+    ap.add_argument('--tag', help='suffix of the output file names (scan_TAG.json, scan_isa_TAG.json)')
     ap.add_argument('--worker', help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.worker:
+        sys.path.insert(0, ROOT)
         res = _worker(json.loads(args.worker))
         print(RESULT_TAG + json.dumps(res), flush=True)
         return
 
     import torch
+    sys.path.insert(0, ROOT)
+    from benchmarks.machine import cpu_name
+    if args.isa:
+        for flag in ('impls', 'budget', 'loop_cap', 'no_memory', 'reuse', 'quick'):
+            if getattr(args, flag) != ap.get_default(flag):
+                ap.error(f"--{flag.replace('_', '-')} does not apply to --isa")
+        from benchmarks import scan_isa
+        meta = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
+                    cpu=cpu_name(), nproc=os.cpu_count(), batch=BATCH, d_state=NSTATE,
+                    date=time.strftime('%Y-%m-%d %H:%M:%S'), loadavg_start=os.getloadavg())
+        from libs.scan import cpu as scan_cpu
+        if not scan_cpu.is_available():
+            raise SystemExit(f'--isa: the C kernel is not available: {scan_cpu.unavailable_reason()}')
+        meta.update(cpu_kernel=scan_cpu.library_path(), cpu_kernel_segment=scan_cpu.SEGMENT)
+        scan_isa.main(args, meta, _run_worker, _bounds)
+        return
     threads = args.threads or torch.get_num_threads()
     lengths = args.lengths or ([366, 1230] if args.quick else [366, 1230, 4494, 9806])
     dims = args.dims or ([256] if args.quick else [256, 1024])
     repeats = args.repeats or (3 if args.quick else 5)
     impls = list(args.impls)
-    sys.path.insert(0, ROOT)
-    from benchmarks.machine import cpu_name
     meta = dict(threads=threads, torch=torch.__version__, python=platform.python_version(),
                 machine=platform.machine(), cpu=cpu_name(), nproc=os.cpu_count(), batch=BATCH, d_state=NSTATE,
                 date=time.strftime('%Y-%m-%d %H:%M:%S'), loadavg_start=os.getloadavg())
@@ -392,10 +415,11 @@ def main():
     _speedups(rows, impls)
     _print_table(rows, impls)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, 'scan.json'), 'w') as f:
+    name = 'scan' + (f'_{args.tag}' if args.tag else '')
+    with open(os.path.join(args.out, name + '.json'), 'w') as f:
         json.dump(dict(meta=meta, constants=consts, rows=rows), f, indent=1)
-    _plot(rows, impls, os.path.join(args.out, 'scan.png'), meta)
-    print(f"wrote {os.path.join(args.out, 'scan.json')} and scan.png", flush=True)
+    _plot(rows, impls, os.path.join(args.out, name + '.png'), meta)
+    print(f"wrote {os.path.join(args.out, name + '.json')} and {name}.png", flush=True)
 
 
 def _speedups(rows, impls):

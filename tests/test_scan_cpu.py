@@ -1,5 +1,7 @@
 """The compiled CPU scan kernel (libs/scan/cpu.py, libs/scan/csrc/): values and gradients against a float64 sequential
-scan, exp edge cases, ISA variants, thread-count independence. Skipped when the kernel was not built."""
+scan, exp edge cases, thread-count independence, each for every ISA variant this CPU runs. Skipped when the kernel was
+not built."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -8,12 +10,39 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import libs.scan as ss
 from libs.scan import cpu as scan_cpu
+from reference_ops import max_rel_err, scan_inputs, sequential_scan
 
 pytestmark = pytest.mark.skipif(not scan_cpu.is_available(),
                                 reason=f"compiled CPU scan kernel not built: {scan_cpu.unavailable_reason()}")
 
 TOL = 1e-5  # max |err| / max |reference|, per tensor, fp32 kernel vs float64 sequential scan
+ALL_ISAS = ('avx512', 'avx2', 'generic')
+
+
+@contextlib.contextmanager
+def forced_isa(name):
+    """The kernel's `name` variant for the duration (the best supported one if the CPU lacks it)."""
+    try:
+        yield scan_cpu.isa(name)
+    finally:
+        scan_cpu.isa('auto')
+
+
+def runnable_isas():
+    """The variants this CPU runs (forcing one it lacks selects another)."""
+    if not scan_cpu.is_available():
+        return []
+    found = []
+    for name in ALL_ISAS:
+        with forced_isa(name) as got:
+            if got == name:
+                found.append(name)
+    return found
+
+
+ISAS = runnable_isas()
 
 
 def ref_scan(delta, u, A, B, C):
@@ -82,14 +111,14 @@ def run_both(inputs, segment=None, seed=1):
     return run_kernel(inputs, segment, seed), run_ref(inputs, seed)
 
 
-def assert_close_to_ref(ours, ref, tol=TOL):
+def assert_close_to_ref(ours, ref, tol=TOL, what=''):
     (y, last, grads), (y64, last64, grads64) = ours, ref
     errs = {'y': rel_err(y.detach(), y64), 'last_state': rel_err(last.detach(), last64)}
     for name, g, g64 in zip(('delta', 'u', 'A', 'B', 'C'), grads, grads64):
         assert g is not None and g.shape == g64.shape and g.dtype == torch.float32, name
         errs['grad_' + name] = rel_err(g, g64)
     bad = {k: v for k, v in errs.items() if not v <= tol}
-    assert not bad, f"relative errors above {tol}: {bad} (all: {errs})"
+    assert not bad, f"{what}: relative errors above {tol}: {bad} (all: {errs})"
     return errs
 
 
@@ -99,39 +128,89 @@ def assert_close_to_ref(ours, ref, tol=TOL):
 def test_values_and_grads_vs_float64(length, bsz, d, n, dt_scale):
     inputs = make_inputs(bsz, d, length, n, dt_scale, seed=length + d)
     ref = run_ref(inputs)
-    # default segment (64) and one that never aligns with L or the 16-step tiles
-    for segment in (None, 7):
-        assert_close_to_ref(run_kernel(inputs, segment=segment), ref)
+    for isa in ISAS:
+        with forced_isa(isa):
+            # default segment (64) and one that never aligns with L or the 16-step tiles
+            for segment in (None, 7):
+                assert_close_to_ref(run_kernel(inputs, segment=segment), ref, what=isa)
 
 
 @pytest.mark.parametrize('dt_scale', ['normal', 'large'])
 def test_long_sequence(dt_scale):
     inputs = make_inputs(1, 6, 9123, 16, dt_scale, seed=3)
-    ours, ref = run_both(inputs)
-    for t in [ours[0], ours[1]] + ours[2]:
-        assert torch.isfinite(t).all()
-    assert_close_to_ref(ours, ref)
+    ref = run_ref(inputs)
+    for isa in ISAS:
+        with forced_isa(isa):
+            ours = run_kernel(inputs)
+        for t in [ours[0], ours[1]] + ours[2]:
+            assert torch.isfinite(t).all(), isa
+        assert_close_to_ref(ours, ref, what=isa)
 
 
-@pytest.mark.parametrize('isa', ['avx512', 'avx2', 'generic'])
-def test_isa_variants(isa):
-    """Every compiled variant (a variant the CPU lacks falls back to the best it has) matches the reference."""
-    inputs = make_inputs(2, 37, 150, 16, 'normal', seed=5)
+def test_isa_forcing():
+    """The baseline variant always runs; 'auto' is the best one; a variant the CPU lacks gives a supported one."""
+    assert 'generic' in ISAS
+    best = scan_cpu.isa('auto')
+    assert best == ISAS[0]
+    for name in ALL_ISAS:
+        with forced_isa(name) as got:
+            assert got == (name if name in ISAS else best)
+    assert scan_cpu.isa() == best
+    with pytest.raises(ValueError, match='avx2'):
+        scan_cpu.isa('sse4')
+
+
+@pytest.mark.parametrize('dt_scale', ['normal', 'large'])
+@pytest.mark.parametrize('L', [1, 50, 367])
+def test_full_semantics_for_every_isa(monkeypatch, L, dt_scale):
+    """selective_scan on the cpu backend (delta_bias, softplus, D, z) with the inputs of the dispatcher's tests."""
+    monkeypatch.setenv('DIM_SCAN_BACKEND', 'cpu')
+    ss.reset()
+    keys = ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')
+    x = scan_inputs(2, 8, 16, L, dt_scale=dt_scale)
+    x64 = {k: v.double().requires_grad_() for k, v in x.items()}
+    ref, last_ref = sequential_scan(**x64, delta_softplus=True)
+    gout = torch.randn(ref.shape, generator=torch.Generator().manual_seed(L))
+    grads_ref = torch.autograd.grad((ref * gout.double()).sum(), [x64[k] for k in keys])
     try:
-        used = scan_cpu.isa(isa)
-        ours, ref = run_both(inputs, segment=32)
+        for isa in ISAS:
+            xs = {k: v.clone().requires_grad_() for k, v in x.items()}
+            with forced_isa(isa):
+                out, last = ss.selective_scan(**xs, delta_softplus=True, return_last_state=True)
+                grads = torch.autograd.grad((out * gout).sum(), [xs[k] for k in keys])
+            assert max_rel_err(out.double(), ref) < TOL and max_rel_err(last.double(), last_ref) < TOL, isa
+            for k, a, b in zip(keys, grads, grads_ref):
+                assert max_rel_err(a.double(), b) < TOL, (isa, k)
     finally:
-        scan_cpu.isa('auto')
-    assert_close_to_ref(ours, ref)
-    assert used in ('avx512', 'avx2', 'generic')
+        ss.reset()
 
 
-def test_threads_bit_identical():
+def test_segments_with_extreme_exponents_take_the_general_exp_path():
+    """A segment whose dt*A may leave fp32's normal range is computed with the general exp (the others with the shorter
+    one): one channel given a huge dt in one step changes no other channel's results beyond rounding, and the scan
+    still matches the float64 reference (exp(dt*A) underflowing to 0 there)."""
+    delta, u, A, B, C = make_inputs(2, 20, 150, 16, 'normal', seed=21)
+    extreme = delta.clone()
+    extreme[0, 3, 70] = 1e4
+    ref = run_ref([extreme, u, A, B, C])
+    for isa in ISAS:
+        with forced_isa(isa):
+            y_plain, _ = scan_cpu.scan_core(delta, u, A, B, C)
+            ours = run_kernel([extreme, u, A, B, C])
+        others = torch.ones(2, 20, dtype=torch.bool)
+        others[0, 3] = False
+        assert rel_err(ours[0].detach()[others], y_plain[others]) <= 1e-6, isa
+        assert_close_to_ref(ours, ref, what=isa)
+
+
+@pytest.mark.parametrize('isa', ISAS)
+def test_threads_bit_identical(isa):
     """Same bits for any thread count, on torch's OpenMP threads or on our pthreads."""
     inputs = make_inputs(2, 70, 777, 16, 'normal', seed=7)
     before = torch.get_num_threads()
     results = []
     try:
+        scan_cpu.isa(isa)
         for backend in ('pthreads', 'openmp'):
             scan_cpu.threading_backend(backend)
             for nt in (1, 2, 3):
@@ -143,12 +222,19 @@ def test_threads_bit_identical():
     finally:
         torch.set_num_threads(before)
         scan_cpu.threading_backend('pthreads')
+        scan_cpu.isa('auto')
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
 
 
-def test_no_grad_path_and_partial_requires_grad():
+@pytest.mark.parametrize('isa', ISAS)
+def test_no_grad_path_and_partial_requires_grad(isa):
+    with forced_isa(isa):
+        _check_no_grad_path_and_partial_requires_grad()
+
+
+def _check_no_grad_path_and_partial_requires_grad():
     delta, u, A, B, C = make_inputs(2, 24, 100, 16, 'normal', seed=9)
     with torch.no_grad():
         y0, last0 = scan_cpu.scan_core(delta, u, A, B, C, return_last_state=True)
@@ -173,13 +259,15 @@ def test_no_grad_path_and_partial_requires_grad():
             assert rel_err(a.grad, b.grad) <= TOL
 
 
-def test_non_contiguous_inputs():
+@pytest.mark.parametrize('isa', ISAS)
+def test_non_contiguous_inputs(isa):
     delta, u, A, B, C = make_inputs(2, 24, 50, 16, 'large', seed=11)
     # same values, transposed storage
     nc = [t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (delta, u, A, B, C)]
     assert not nc[0].is_contiguous()
-    y_a, _ = scan_cpu.scan_core(delta, u, A, B, C)
-    y_b, _ = scan_cpu.scan_core(*nc)
+    with forced_isa(isa):
+        y_a, _ = scan_cpu.scan_core(delta, u, A, B, C)
+        y_b, _ = scan_cpu.scan_core(*nc)
     assert torch.equal(y_a, y_b)
 
 
@@ -189,39 +277,48 @@ def test_gradcheck_float64_reference_agrees():
     assert torch.autograd.gradcheck(lambda *x: ref_scan(*x)[0], inputs)
 
 
-def test_exp_edge_cases():
-    """The kernel evaluates exp(dt*A) as 2^(dt * A*log2 e) with a vector polynomial: it must behave like expf on any
-    input (0 / correctly rounded denormals below, +inf above, NaN stays NaN), in every ISA variant."""
+def exp_edge_inputs():
     x = torch.tensor([0.0, -0.0, -1e-30, 1e-30, -1e-3, -0.34, -0.35, -0.5, -1.0, -10.0, -50.0, -87.0, -87.5, -95.0,
                       -103.0, -103.9, -104.0, -120.0, -1e4, -1e30, 1e-3, 1.0, 10.0, 50.0, 88.0, 88.7, 88.8, 100.0,
                       1e30, float('-inf'), float('inf'), float('nan')])
-    x = torch.cat([x, torch.linspace(-110, 90, 20011)])
-    want = torch.exp(x.double())
-    for isa in ('avx512', 'avx2', 'generic'):
-        try:
-            scan_cpu.isa(isa)
-            got = scan_cpu.kernel_exp(x).double()
-        finally:
-            scan_cpu.isa('auto')
-        fin = torch.isfinite(want) & (want > 2.0 ** -126) & (want < 3.4e38)
-        # about 2 ulp (2^-23 relative), plus the rounding of x*log2(e): up to |x| * 2^-24
-        bound = (5 * 2.0 ** -24 + 1.5 * x.double().abs() * 2.0 ** -24).nan_to_num(1.0).clamp(max=1.0)
-        err = (got[fin] - want[fin]).abs() / want[fin]
-        assert (err <= bound[fin]).all(), (isa, err.max().item())
-        tiny = want <= 2.0 ** -126                                 # denormal range or zero: absolute error
-        assert ((got[tiny] - want[tiny]).abs() <= bound[tiny] * want[tiny] + 2.0 ** -149).all(), isa
-        big = want >= 3.41e38
-        assert (torch.isinf(got[big]) & (got[big] > 0)).all(), isa
-        assert torch.isnan(got[torch.isnan(want)]).all(), isa
-        assert got[x == float('-inf')].item() == 0.0
+    return torch.cat([x, torch.linspace(-110, 90, 20011)])
 
 
-def test_scan_overflow_like_the_loop():
+def assert_exp_like_expf(x, got, what):
+    """got = the kernel's exp(x): about 2 ulp where exp(x) is a normal float, correctly rounded denormals, 0 below,
+    +inf above, NaN for NaN."""
+    want, got = torch.exp(x.double()), got.double()
+    fin = torch.isfinite(want) & (want > 2.0 ** -126) & (want < 3.4e38)
+    # about 2 ulp (2^-23 relative), plus the rounding of x*log2(e): up to |x| * 2^-24
+    bound = (5 * 2.0 ** -24 + 1.5 * x.double().abs() * 2.0 ** -24).nan_to_num(1.0).clamp(max=1.0)
+    err = (got[fin] - want[fin]).abs() / want[fin]
+    assert (err <= bound[fin]).all(), (what, err.max().item())
+    tiny = want <= 2.0 ** -126                                 # denormal range or zero: absolute error
+    assert ((got[tiny] - want[tiny]).abs() <= bound[tiny] * want[tiny] + 2.0 ** -149).all(), what
+    big = want >= 3.41e38
+    assert (torch.isinf(got[big]) & (got[big] > 0)).all(), what
+    assert torch.isnan(got[torch.isnan(want)]).all(), what
+    assert got[x == float('-inf')].item() == 0.0, what
+
+
+def test_exp_edge_cases():
+    """The kernel evaluates exp(dt*A) as 2^(dt * A*log2 e) with a vector polynomial: it must behave like expf on any
+    input (0 / correctly rounded denormals below, +inf above, NaN stays NaN), in every ISA variant, through both of
+    its paths (the shorter one where a whole vector of arguments keeps 2^x normal)."""
+    x = exp_edge_inputs()
+    for isa in ISAS:
+        with forced_isa(isa):
+            assert_exp_like_expf(x, scan_cpu.kernel_exp(x), isa)
+
+
+@pytest.mark.parametrize('isa', ISAS)
+def test_scan_overflow_like_the_loop(isa):
     """Growing states (A > 0) overflow to inf/nan at the same step as in the fp32 sequential loop (within one step:
     rounding right at FLT_MAX may differ), and agree before that."""
     delta, u, A, B, C = make_inputs(1, 16, 80, 16, 'large', seed=17)
     A = A.abs() * 0.1                                   # exp(dt*A) up to ~e^5 per step: overflow after 20-80 steps
-    y, _ = scan_cpu.scan_core(delta, u, A, B, C)
+    with forced_isa(isa):
+        y, _ = scan_cpu.scan_core(delta, u, A, B, C)
     y_ref, _ = ref_scan(delta, u, A, B, C)              # the same recurrence in fp32
 
     def first_bad(v):                                   # first non-finite step per channel (L if none)

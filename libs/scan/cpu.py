@@ -20,7 +20,8 @@ strides, autograd on the forward op), so torch.compile traces through it without
 the state in registers and saves only the states at segment boundaries (every ``SEGMENT`` steps); the backward
 recomputes each segment's states and runs the reverse recurrence, all in the compiled kernel. Nothing of size
 (batch, D, L, N) is ever allocated. Work is split over (batch, 16-channel blocks) on ``torch.get_num_threads()`` threads; results are
-bit-identical for any thread count.
+bit-identical for any thread count. The kernel is compiled for AVX-512, AVX2+FMA and the baseline ISA (SSE2, or NEON on
+aarch64) and runs the best one the CPU has (:func:`isa`); docs/cpu-scan.md describes its design and speed.
 
 Threads: the caller plus torch.get_num_threads()-1 helper pthreads created per call claim work units from a shared
 counter; the caller waits only for units a helper actually took, so a helper that cannot get a core (oversubscribed
@@ -198,18 +199,21 @@ def threading_backend(force: str | None = None) -> str:
 
 
 def isa(force: str | None = None) -> str:
-    """The instruction-set variant in use ('avx512', 'avx2' or 'generic'). ``force`` selects one (for tests and
-    benchmarks; a variant the CPU lacks falls back to the best supported one); 'auto' restores the default."""
+    """The instruction-set variant in use: 'avx512' (16-lane vectors), 'avx2' (AVX2+FMA, 8 lanes) or 'generic' (the
+    baseline ISA, 4 lanes: SSE2 on x86-64, NEON on aarch64). ``force`` selects one for the whole process (tests and
+    benchmarks; a variant the CPU lacks gives the best supported one); 'auto' restores the default, the best one."""
     lib = _load()
     if lib is None:
         raise RuntimeError(f"scan_cpu kernel not available: {_load_error}")
     if force is not None:
+        if force not in _ISA_CODES:
+            raise ValueError(f"scan_cpu.isa: {force!r} is not one of {', '.join(_ISA_CODES)}")
         lib.dim_scan_force_isa(_ISA_CODES[force])
     return _ISA_NAMES[lib.dim_scan_active_isa()]
 
 
 def kernel_exp(x: torch.Tensor) -> torch.Tensor:
-    """exp(x) exactly as the kernel evaluates exp(dt*A) (testing aid)."""
+    """exp(x) exactly as the active variant evaluates exp(dt*A) for dt = x, A = 1 (testing aid)."""
     lib = _load()
     if lib is None:
         raise RuntimeError(f"scan_cpu kernel not available: {_load_error}")

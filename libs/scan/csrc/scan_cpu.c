@@ -5,19 +5,22 @@
  *   y_t = sum_n C_t[n] h_t[:, n]
  *
  * Layouts (all fp32, C-contiguous): dt, u, y: (Bsz, D, L); A: (D, N); B, C: (Bsz, N, L);
- * last_state: (Bsz, D, N).  The (Bsz, D, L, N) state tensor is never materialised: the forward keeps the
- * state of 16 channels x 16 states in registers and, when a backward will follow, saves only the states at the
- * entry of every K-step segment.  The backward walks the segments in reverse, recomputes the K states of a
+ * last_state: (Bsz, D, N).  The (Bsz, D, L, N) state tensor is never materialised: the forward keeps the states
+ * of a block of 16 channels in registers over a K-step segment and, when a backward will follow, saves only the
+ * states at the entry of every segment.  The backward walks the segments in reverse, recomputes the K states of a
  * segment into a small cache-resident buffer and runs the reverse recurrence
  *   g_t = C_t gy_t + exp(dt_{t+1} A) (.) g_{t+1}
- * from which every input gradient follows (see bwd_chunk in scan_kernel.inc).
+ * from which every input gradient follows (see scan_backward.inc).
  *
- * Vectorisation: one vector = 16 channels ("lanes"); the 16 states of a chunk of N are 16 vectors.  exp(dt*A) is a
- * vector 2^x (reduction + degree-6 polynomial + scaling, about 1-2 ulp, IEEE behaviour at the extremes).  Inputs
- * (channel rows) are transposed to time-major tiles with in-register 16x16 transposes; B and C are transposed once
- * per call; the next segment's rows are software-prefetched during the current one.  The kernel is written once
- * with GCC vector extensions (scan_kernel.inc) and compiled three times: AVX-512, AVX2+FMA and the baseline ISA; the
- * best one the CPU supports is chosen at run time (no -march needed).
+ * Vectorisation: a vector lane is a channel.  The kernel is written once with GCC vector extensions over the
+ * hardware's own vector width (scan_simd.inc, scan_kernel.inc) and compiled three times: AVX-512 (16 lanes), AVX2+FMA
+ * (8 lanes) and the baseline ISA (4 lanes: SSE2 on x86-64, NEON on aarch64); the best one the CPU supports is chosen
+ * at run time (no -march needed).  A 16-channel block is covered by 16 / lanes vectors, and the 16 states of a chunk
+ * of N in passes of as many states as the register file holds.  exp(dt*A) is a vector 2^x (reduction + degree-6
+ * polynomial + scaling, about 1-2 ulp, IEEE behaviour at the extremes), with a shorter scaling in segments where no
+ * dt*A can leave the normal range.  Inputs (channel rows) are transposed to time-major tiles with in-register
+ * transposes; B and C are transposed once per call; the next segment's rows are software-prefetched during the
+ * current one.  The data layout, and with it the saved states, is the same for every variant.
  *
  * Threads: work units ((batch, channel block) in the forward, (batch, fixed group of channel blocks) in the
  * backward) claimed from an atomic counter by the caller and per-call helper pthreads (see run_pool).  Every unit's
@@ -39,9 +42,6 @@
 
 #define DIM_SCAN_ABI 1
 
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-
 typedef struct {
     /* inputs */
     const float *dt, *u, *A, *Bm, *Cm;
@@ -61,12 +61,16 @@ typedef struct {
 
 typedef void (*unit_fn)(const Args *, int64_t, float *);
 
-/* ---------------------------------------------------------------- ISA variants of the kernel */
+/* ---------------------------------------------------------------- ISA variants of the kernel
+ * VW: lanes of one hardware vector; SF, SB: states a forward / backward pass keeps in registers (see scan_kernel.inc,
+ * which undefines these parameters again).
+ * The baseline variant is SSE2 on x86-64 and NEON on aarch64 (GCC vector extensions only, no intrinsics). */
 #define SFX _generic
 #define ISA_AVX512 0
+#define VW 4
+#define SF 8
+#define SB 4
 #include "scan_kernel.inc"
-#undef SFX
-#undef ISA_AVX512
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define HAVE_X86_VARIANTS 1
@@ -74,9 +78,10 @@ typedef void (*unit_fn)(const Args *, int64_t, float *);
 #pragma GCC target("avx2,fma,bmi,bmi2,f16c")
 #define SFX _avx2
 #define ISA_AVX512 0
+#define VW 8
+#define SF 8
+#define SB 8
 #include "scan_kernel.inc"
-#undef SFX
-#undef ISA_AVX512
 #pragma GCC pop_options
 
 #pragma GCC push_options
@@ -84,9 +89,10 @@ typedef void (*unit_fn)(const Args *, int64_t, float *);
 #include <immintrin.h>
 #define SFX _avx512
 #define ISA_AVX512 1
+#define VW 16
+#define SF 16
+#define SB 16
 #include "scan_kernel.inc"
-#undef SFX
-#undef ISA_AVX512
 #pragma GCC pop_options
 #else
 #define HAVE_X86_VARIANTS 0
