@@ -1,7 +1,8 @@
 """Training step time and peak memory per config size, on whatever device it runs on.
 
     python benchmarks/train_step.py [--configs digits_DiM_tiny cifar10_S_DiM ...] [--device cpu|cuda]
-        [--batch B] [--gradient-checkpointing config|on|off|both] [--bf16] [--steps 5] [--warmup 2] [--out FILE]
+        [--batch B] [--gradient-checkpointing config|on|off|both] [--recompute config|on|off|auto|both] [--bf16]
+        [--steps 5] [--warmup 2] [--out FILE]
 
 Each case runs the training's own step (libs.training.state.TrainState and libs.training.step.TrainStep: the
 diffusion loss, forward and backward under the launch's autocast, gradient clipping, AdamW (fused on CUDA), the
@@ -36,11 +37,11 @@ __all__ = ['measure', 'run_case', 'CONFIGS']
 
 
 def measure(config, device='cpu', batch=None, gradient_checkpointing=None, bf16=False, steps=5, warmup=2,
-            timeout=None):
+            timeout=None, recompute=None):
     """One case in a fresh process (see the module docstring); returns its result dict (with 'error' if it failed).
-    gradient_checkpointing None keeps the config's setting."""
+    gradient_checkpointing / recompute None keep the config's settings (recompute: 'on', 'off' or 'auto')."""
     case = dict(config=config, device=device, batch=batch, gradient_checkpointing=gradient_checkpointing, bf16=bf16,
-                steps=steps, warmup=warmup)
+                steps=steps, warmup=warmup, recompute=recompute)
     try:
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--one', json.dumps(case)],
                               capture_output=True, text=True, timeout=timeout, cwd=ROOT)
@@ -72,7 +73,8 @@ def _rss_mb():
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
 
 
-def run_case(config, device='cpu', batch=None, gradient_checkpointing=None, bf16=False, steps=5, warmup=2):
+def run_case(config, device='cpu', batch=None, gradient_checkpointing=None, bf16=False, steps=5, warmup=2,
+             recompute=None):
     """The case in this process (it creates the process's Accelerator); returns the result dict."""
     os.environ['ACCELERATE_MIXED_PRECISION'] = 'bf16' if bf16 else 'no'
     if device == 'cpu':
@@ -92,11 +94,12 @@ def run_case(config, device='cpu', batch=None, gradient_checkpointing=None, bf16
     config.train.batch_size, config.gradient_accumulation_steps = batch, 1
     if gradient_checkpointing is not None:
         config.gradient_checkpointing = bool(gradient_checkpointing)
+    if recompute is not None:
+        config.recompute = recompute
     acc = launch.make_accelerator(config)
     if acc.device.type != torch.device(device).type:
         raise RuntimeError(f'asked for {device}, accelerate runs on {acc.device}')
-    if hasattr(launch, 'configure_cuda'):               # (absent from the loop before the GPU settings)
-        launch.configure_cuda(acc.device)
+    launch.configure_cuda(acc.device)
     cuda = acc.device.type == 'cuda'
     with tempfile.TemporaryDirectory() as empty:
         state = TrainState(config, acc, empty)
@@ -119,6 +122,7 @@ def run_case(config, device='cpu', batch=None, gradient_checkpointing=None, bf16
     elapsed = (time.perf_counter() - start) / steps
     result = dict(config=name, device=torch.cuda.get_device_name(acc.device) if cuda else platform.processor() or 'cpu',
                   device_type=acc.device.type, batch=batch, gradient_checkpointing=config.gradient_checkpointing,
+                  recompute=bool(acc.unwrap_model(state.nnet).recompute),
                   bf16=bool(bf16), params_m=round(state.n_params / 1e6, 2), steps=steps, warmup=warmup,
                   step_time_s=round(elapsed, 4), samples_per_s=round(batch / elapsed, 2),
                   loss=float(loss), torch=torch.__version__, threads=torch.get_num_threads())
@@ -137,6 +141,7 @@ def main():
     parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'))
     parser.add_argument('--batch', type=int, default=None, help='samples per step (default: config batch / 8)')
     parser.add_argument('--gradient-checkpointing', default='config', choices=('config', 'on', 'off', 'both'))
+    parser.add_argument('--recompute', default='config', choices=('config', 'on', 'off', 'auto', 'both'))
     parser.add_argument('--bf16', action='store_true', help='bf16 autocast (the launch\'s --mixed_precision bf16)')
     parser.add_argument('--steps', type=int, default=5)
     parser.add_argument('--warmup', type=int, default=2)
@@ -148,15 +153,17 @@ def main():
         print(json.dumps(run_case(**json.loads(args.one))))
         return
     checkpointing = {'config': [None], 'on': [True], 'off': [False], 'both': [False, True]}[args.gradient_checkpointing]
+    recompute = {'config': [None], 'both': ['on', 'off']}.get(args.recompute, [args.recompute])
     results = []
     for name in args.configs:
-        for gc in checkpointing:
-            r = measure(name, args.device, args.batch, gc, args.bf16, args.steps, args.warmup, args.timeout)
+        for gc, rc in [(gc, rc) for gc in checkpointing for rc in recompute]:
+            r = measure(name, args.device, args.batch, gc, args.bf16, args.steps, args.warmup, args.timeout, rc)
             results.append(r)
             memory = (f"peak {r['peak_memory_gb']} GB" if 'peak_memory_gb' in r else
                       f"peak RSS {r['peak_rss_gb']} GB (before the steps {r['rss_before_steps_gb']})"
                       if 'peak_rss_gb' in r else '')
-            print(f"{name:24s} batch {r.get('batch')} ckpt {r.get('gradient_checkpointing')} bf16 {args.bf16}: " +
+            print(f"{name:24s} batch {r.get('batch')} ckpt {r.get('gradient_checkpointing')} recompute "
+                  f"{r.get('recompute')} bf16 {args.bf16}: " +
                   (f"{r['step_time_s']:.3f} s/step, {r['samples_per_s']} samples/s, {memory}" if 'error' not in r
                    else f"failed: {r['error']}"), flush=True)
     if args.out:
