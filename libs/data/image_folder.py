@@ -176,8 +176,8 @@ def to_signed(arr):
 
 class ImageFolder(Dataset):
     """The images of folder `path` (layout and bad-data rules in the module docstring), ADM centre crop at
-    `resolution`. `num_classes` K (0: unconditional), `class_names`, `notes` (what the start-up scan found, as
-    (logging level, message) pairs for the run's log)."""
+    `resolution`. `num_classes` K (0: unconditional), `class_names`, `skipped` [(file, reason)] (the files the scan
+    skipped), `notes` (what the scan found, as (logging level, message) pairs for the run's log)."""
     kind = 'pixels'
 
     def __init__(self, path, resolution, random_flip=True):
@@ -186,7 +186,7 @@ class ImageFolder(Dataset):
         scan = scan_folder(path, resolution)
         self.path, self.resolution, self.random_flip = path, resolution, random_flip
         self.files, self.labels = scan['files'], torch.tensor(scan['labels'], dtype=torch.long)
-        self.class_names = scan['class_names']
+        self.class_names, self.skipped = scan['class_names'], scan['skipped']
         self.num_classes = len(self.class_names)
         self.item_shape = (3, resolution, resolution)
         self.notes = _scan_notes(path, resolution, scan, random_flip)
@@ -279,7 +279,7 @@ class CheckedImages(Dataset):
             arr, error = self.folder.read(i), ''
         except DamagedImage as e:
             arr, error = np.zeros(self.folder.item_shape[1:] + (3,), np.uint8), str(e)
-        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1), self.folder.labels[i], error
+        return torch.from_numpy(np.array(arr)).permute(2, 0, 1), self.folder.labels[i], error
 
 
 def _classes_path(path):

@@ -50,10 +50,12 @@ def check_classes(config, dataset):
         raise ConfigError(f"config.train.mode='cond' but {what} has no classes (images without class subfolders): "
                           "set config.train.mode='uncond' (and config.sample.cfg=False)")
     if K != data_K:
-        names = getattr(dataset, 'record', lambda: None)()
-        shown = f" ({', '.join(names['classes'][:10])}{', ...' if data_K > 10 else ''})" if names and data_K else ''
-        raise ConfigError(f"config.nnet.num_embeds_ada_norm={K} but {what} has {data_K} classes{shown}: set "
-                          f"config.nnet.num_embeds_ada_norm={data_K}" + (" (the null class only)" if not data_K else ''))
+        record = getattr(dataset, 'record', lambda: None)()
+        names = record['classes'] if record else []
+        shown = f" ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else ''
+        classes = f"{data_K} classes{shown}" if data_K else "no classes (unconditional: only the null class)"
+        raise ConfigError(f"config.nnet.num_embeds_ada_norm={K} but {what} has {classes}: set "
+                          f"config.nnet.num_embeds_ada_norm={data_K}")
     if len(dataset) < config.train.batch_size:
         raise ConfigError(f"{what} has {len(dataset)} items, fewer than one batch (config.train.batch_size="
                           f"{config.train.batch_size}): add images or lower config.train.batch_size")
@@ -89,11 +91,11 @@ class TrainData:
         path = os.path.join(workdir, CLASSES_FILE)
         if self.class_record is None or not os.path.isfile(path):
             return
-        before = read_class_record(path)['classes']
-        if before != self.class_record['classes']:
-            raise ConfigError(f"the classes of {_describe(self.config, self.dataset)} ({len(self.class_record['classes'])}"
-                              f") differ from those the run in {workdir} was trained on ({path}, {len(before)}): its "
-                              "checkpoints' class ids would mean other classes; train in a new workdir")
+        before, now = read_class_record(path)['classes'], self.class_record['classes']
+        if before != now:
+            raise ConfigError(f"the {len(now)} classes of {_describe(self.config, self.dataset)} differ from the "
+                              f"{len(before)} the run in {workdir} was trained on ({path}): its checkpoints' class ids "
+                              "would mean other classes; train in a new workdir")
 
     def write_class_names(self, *folders):
         """Main process: the data set's classes.json into each folder (nothing if its class names are unknown)."""
