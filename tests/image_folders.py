@@ -59,10 +59,12 @@ def write_shapes(root, classes=tuple(PALETTE), per_class=6, sizes=(12, 40), seed
 
 
 def write_truncated_jpeg(path, seed=0):
-    """A JPEG cut after 60% of its bytes: its header reads, its pixels do not."""
+    """A JPEG cut after 60% of its bytes: its header reads, its pixels do not (noise makes the pixel data much
+    longer than the header)."""
     rng = np.random.default_rng(seed)
+    noisy = shape_image(rng, PALETTE['red'], 64, 48).astype(np.int16) + rng.integers(-40, 40, (48, 64, 3))
     buffer = io.BytesIO()
-    Image.fromarray(shape_image(rng, PALETTE['red'], 40, 32)).save(buffer, 'JPEG', quality=95)
+    Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(buffer, 'JPEG', quality=95)
     data = buffer.getvalue()
     with open(path, 'wb') as f:
         f.write(data[:int(len(data) * 0.6)])
