@@ -54,7 +54,7 @@ EXAMPLES = 5                    # files named in a warning that counts many
 
 
 class DamagedImage(OSError):
-    """An image file whose header or data cannot be decoded; the message names the file and PIL's reason."""
+    """An image file whose data cannot be decoded; the message names the file and PIL's reason."""
 
 
 def _visible(names):
@@ -78,8 +78,8 @@ def _layout(path):
     """(files, labels, class names, number of non-image files): the folder's images and classes, by the layout
     rules of the module docstring; ValueError naming the folder where they are broken."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"image folder not found: {path} (config.dataset.path; expected <path>/<class>/"
-                                f"<image> or <path>/<image>)")
+        raise FileNotFoundError(f"image folder not found: {path} (expected <path>/<class>/<image> or "
+                                "<path>/<image>)")
     entries = _visible(os.listdir(path))
     dirs = [n for n in entries if os.path.isdir(os.path.join(path, n))]
     top, others = _image_files_here(path, entries)
