@@ -91,9 +91,9 @@ class TrainData:
         path = os.path.join(workdir, CLASSES_FILE)
         if self.class_record is None or not os.path.isfile(path):
             return
-        before, now = read_class_record(path)['classes'], self.class_record['classes']
-        if before != now:
-            raise ConfigError(f"the {len(now)} classes of {_describe(self.config, self.dataset)} differ from the "
+        before, found = read_class_record(path)['classes'], self.class_record['classes']
+        if before != found:
+            raise ConfigError(f"the {len(found)} classes of {_describe(self.config, self.dataset)} differ from the "
                               f"{len(before)} the run in {workdir} was trained on ({path}): its checkpoints' class ids "
                               "would mean other classes; train in a new workdir")
 
