@@ -1,10 +1,13 @@
 """Data sets: the embedded digits, latent-feature files in both formats, raw ImageNet folders, augmentation."""
+import logging
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from libs.data.datasets import augment_batch, center_crop_arr, check_dataset_config, get_dataset
+from libs.data.image_folder import write_class_record
 
 
 def test_digits_are_resized_labelled_and_in_range():
@@ -32,6 +35,24 @@ def test_feature_files_in_both_formats(tmp_path, fmt):
     for i in range(3):
         z, label = d[i]
         assert np.array_equal(z.numpy(), moments[i]) and int(label) == i + 5
+
+
+def test_feature_folders_take_their_classes_from_classes_json_and_may_have_gaps(tmp_path):
+    rng = np.random.default_rng(0)
+    moments = rng.standard_normal((6, 8, 4, 4)).astype(np.float32)
+    for i in (0, 1, 4, 5):                                  # items 2 and 3: an image the extraction skipped
+        np.savez(tmp_path / f'{i}.npy', z=moments[i], label=np.int64(i % 3))
+    d = get_dataset('features', path=str(tmp_path))
+    assert d.num_classes == 1000 and d.class_names is None and d.record() is None and d.notes == []
+    assert len(d) == 4 and [int(d[k][1]) for k in range(4)] == [0, 1, 1, 2]
+    assert np.array_equal(d[2][0].numpy(), moments[4])
+    write_class_record(tmp_path, dict(num_classes=3, classes=['a', 'b', 'c'], source='x', resolution=32))
+    d = get_dataset('features', path=str(tmp_path))
+    assert d.num_classes == 3 and d.class_names == ['a', 'b', 'c'] and d.record()['classes'] == ['a', 'b', 'c']
+    assert d.notes[0] == (logging.INFO, f'features {tmp_path}: 4 items, 3 classes from classes.json')
+    assert 'the extraction has not finished' in d.notes[1][1]
+    write_class_record(tmp_path, dict(num_classes=3, classes=['a', 'b', 'c'], items=4, skipped=['x.jpg: cut']))
+    assert len(get_dataset('features', path=str(tmp_path)).notes) == 1
 
 
 def test_raw_imagenet_folder(tmp_path):

@@ -14,7 +14,8 @@ from libs.model.memory_estimate import (KEPT_EXTRA_PER_D, SavedBytes, block_byte
                                         choose_recompute, config_memory_estimate, head_bytes_per_image_token,
                                         sequence_length)
 
-TRAIN_CONFIGS = ['cifar10_S_DiM', 'digits_DiM_tiny', 'imagenet256_H_DiM', 'imagenet256_L_DiM', 'imagenet512_H_DiM_ft']
+TRAIN_CONFIGS = ['cifar10_S_DiM', 'digits_DiM_tiny', 'image_folder_DiM_S', 'imagenet256_H_DiM', 'imagenet256_L_DiM',
+                 'imagenet512_H_DiM_ft']
 
 
 def test_meter_counts_each_storage_once_and_no_parameters():

@@ -1,1 +1,2 @@
-"""Training data: data sets (`get_dataset(**config.dataset)`), resumable per-step batching, the autoencoder."""
+"""Training data: data sets (`get_dataset(**config.dataset)`, image folders), resumable per-step batching, the
+autoencoder."""

@@ -171,6 +171,12 @@ class FrozenAutoencoder(nn.Module):
     def train(self, mode: bool = True):
         return super().train(False)  # frozen: stays in eval mode whatever a parent module asks
 
+    def latent_shape(self, image_shape: tuple) -> tuple:
+        """(C, h, w) of the latents of (3, H, W) images: C latent channels, H and W divided by 2 per down block."""
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        _, H, W = image_shape
+        return (self.vae.config.latent_channels, H // factor, W // factor)
+
     @torch.no_grad()
     def encode_moments(self, x: torch.Tensor, chunk_size: int = 25) -> torch.Tensor:
         """(B,3,H,W) images -> (B,2C,h,w) posterior moments [mean | logvar] (logvar not clamped)."""

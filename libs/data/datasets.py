@@ -4,9 +4,11 @@ Items are deterministic `(x, label)` pairs: random flips and CFG label dropout a
 train step from a seeded generator (`augment_batch`, in the training process, after the DataLoader workers), so a
 resumed run sees exactly the same data whatever the number of workers.
 Every data set exposes `num_classes` (K; the null class is K), `kind` ('pixels' or 'moments'),
-`item_shape` and `random_flip`.
+`item_shape` and `random_flip`. Those that know their class names (`image_folder`, libs/data/image_folder.py; feature
+folders with a classes.json) also give `record()` (their classes.json record) and `notes` (start-up log lines).
 """
 import inspect
+import logging
 import os
 
 import numpy as np
@@ -14,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
+
+from libs.data.image_folder import CLASSES_FILE, ImageFolder, center_crop_arr, read_class_record, to_signed
 
 __all__ = ['get_dataset', 'check_dataset_config', 'augment_batch', 'center_crop_arr', 'DATASETS', 'RUN_KEYS']
 
@@ -63,17 +67,6 @@ class Cifar10(Dataset):
         return x, torch.tensor(label)
 
 
-def center_crop_arr(img, resolution):
-    """ADM's centre crop: halve with BOX while the short side >= 2*res, BICUBIC to short side = res, crop."""
-    while min(img.size) >= 2 * resolution:
-        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
-    scale = resolution / min(img.size)
-    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
-    arr = np.asarray(img)
-    top, left = (arr.shape[0] - resolution) // 2, (arr.shape[1] - resolution) // 2
-    return arr[top:top + resolution, left:left + resolution]
-
-
 class ImageNet(Dataset):
     """Raw ImageNet train images (<path>/train/<wnid>/<wnid>_*.JPEG), ADM centre crop, in [-1, 1].
 
@@ -104,32 +97,52 @@ class ImageNet(Dataset):
     def __getitem__(self, i):
         with Image.open(self.files[i]) as img:
             arr = center_crop_arr(img.convert('RGB'), self.resolution)
-        return torch.from_numpy(arr.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1, self.labels[i]
+        return to_signed(arr), self.labels[i]
 
 
 class LatentFeatures(Dataset):
     """Precomputed autoencoder moments (mean | logvar, 2C x h x w) and labels, one file per item.
 
     Reads the official format `{idx}.npy.npz` (arrays `z`, `label`) and U-ViT's `{idx}.npy` (a pickled
-    (moments, label) tuple). Flipped copies are stored as extra items by the extraction script.
+    (moments, label) tuple). Flipped copies are stored as extra items by the extraction script. Item k is the k-th
+    smallest index present (indices of images the extraction skipped are missing). The class count K and the class
+    names come from the folder's classes.json (written by scripts/extract_features.py); without it, K = 1000 and
+    the names are unknown (ImageNet's official features).
     """
-    kind, num_classes, random_flip = 'moments', 1000, False
+    kind, random_flip = 'moments', False
+    IMAGENET_CLASSES = 1000
 
     def __init__(self, path):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"feature folder not found: {path} (make it with scripts/extract_features.py)")
         names = os.listdir(path)
-        self.suffix = '.npy.npz' if '0.npy.npz' in names else '.npy'
-        self.path, self.n = path, sum(1 for f in names if f.endswith(self.suffix) and f[:-len(self.suffix)].isdigit())
-        if self.n == 0 or f'0{self.suffix}' not in names:
+        self.suffix = '.npy.npz' if any(f.endswith('.npy.npz') for f in names) else '.npy'
+        indices = sorted(int(f[:-len(self.suffix)]) for f in names
+                         if f.endswith(self.suffix) and f[:-len(self.suffix)].isdigit())
+        if not indices:
             raise FileNotFoundError(f"no feature files ({{idx}}.npy.npz or {{idx}}.npy) in {path}")
+        self.path, self.n = path, len(indices)
+        # Contiguous indices (every complete extraction without skipped images) need no table.
+        self.indices = None if indices[-1] == self.n - 1 else np.array(indices, dtype=np.int64)
+        self.num_classes, self.class_names, self.notes = self.IMAGENET_CLASSES, None, []
+        if os.path.isfile(os.path.join(path, CLASSES_FILE)):
+            record = read_class_record(path)
+            self.num_classes, self.class_names = record['num_classes'], record['classes']
+            self.notes = _feature_notes(path, record, self.n)
         self.item_shape = tuple(self[0][0].shape)
 
     def __len__(self):
         return self.n
 
+    def record(self):
+        """The classes.json record of this data set (None without a classes.json)."""
+        if self.class_names is None:
+            return None
+        return dict(num_classes=self.num_classes, classes=self.class_names, source=os.path.abspath(self.path))
+
     def __getitem__(self, i):
-        file = os.path.join(self.path, f'{i}{self.suffix}')
+        index = i if self.indices is None else int(self.indices[i])
+        file = os.path.join(self.path, f'{index}{self.suffix}')
         if self.suffix == '.npy.npz':
             with np.load(file) as f:
                 z, label = f['z'], f['label']
@@ -138,12 +151,28 @@ class LatentFeatures(Dataset):
         return torch.from_numpy(np.asarray(z, dtype=np.float32)), torch.tensor(int(label))
 
 
+def _feature_notes(path, record, n):
+    """Log lines about a feature folder whose classes.json the extraction wrote."""
+    K = record['num_classes']
+    notes = [(logging.INFO, f"features {path}: {n} items, " + (f"{K} classes from {CLASSES_FILE}" if K else
+                                                               f"no classes ({CLASSES_FILE}: unconditional)"))]
+    expected = record.get('items')
+    if expected is None:
+        notes.append((logging.WARNING, f"{path}/{CLASSES_FILE} has no item count: the extraction has not finished "
+                                       f"(rerun scripts/extract_features.py to complete it); training on {n} items"))
+    elif expected != n:
+        notes.append((logging.WARNING, f"{path} holds {n} feature files but its extraction wrote {expected}"))
+    return notes
+
+
 DATASETS = {
     'digits': lambda path=None, resolution=16, random_flip=False: Digits(resolution, random_flip),
     'cifar10': lambda path, random_flip=True: Cifar10(path, random_flip),
     'imagenet': lambda path, resolution=256, random_flip=True: ImageNet(path, resolution, random_flip),
     'imagenet256_features': lambda path: LatentFeatures(path),
     'imagenet512_features': lambda path: LatentFeatures(path),
+    'image_folder': lambda path, resolution, random_flip=True: ImageFolder(path, resolution, random_flip),
+    'features': lambda path: LatentFeatures(path),
 }
 # Keys of config.dataset read by the training and evaluation, not by the data set itself: the CFG label-dropout
 # probability and the FID reference statistics.

@@ -40,13 +40,13 @@ def score_kind(config):
     return 'digits' if config.dataset.name == 'digits' else 'fid'
 
 
-def load_inputs(config, acc):
+def load_inputs(config, acc, workdir):
     """(TrainData, FID files or None), loaded on every process before anything is written; every missing file is
     reported at once (naming its source), on every process alike."""
     error = data = fid_files = None
     try:
         load = FileChecks()
-        data = load(TrainData, config, acc.device, forward_autocast(acc))
+        data = load(TrainData, config, acc.device, forward_autocast(acc), workdir)
         if score_kind(config) == 'fid':
             fid_files = load_fid_files(config, acc.device, load)
         if load.missing and fid_files is not None and None in fid_files:
@@ -65,14 +65,16 @@ class Trainer:
         self.config, self.workdir, self.acc, self.name = config, workdir, acc, name
         self.is_main = acc.is_main_process
         self.ckpt_root = os.path.join(workdir, 'ckpts')
-        self.data, fid_files = load_inputs(config, acc)
+        self.data, fid_files = load_inputs(config, acc, workdir)
         if self.is_main:
             os.makedirs(self.ckpt_root, exist_ok=True)
             os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
             with open(os.path.join(workdir, 'config.json'), 'w') as f:
                 f.write(config.to_json_best_effort(indent=2))
+            self.data.write_class_names(workdir, self.ckpt_root)        # classes.json, for sampling by name
         acc.wait_for_everyone()
         setup_logging(workdir, self.is_main)
+        self.data.log_summary()
         configure_cuda(acc.device)
         self.autocast = forward_autocast(acc)
         self.state = TrainState(config, acc, self.ckpt_root)
