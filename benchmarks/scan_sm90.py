@@ -1,0 +1,373 @@
+"""The Triton selective scan read from its sm_90 machine code, without a GPU: registers, spills, shared memory,
+occupancy, SASS per channel-step, bytes, and a static time estimate against the H100 memory bound.
+
+    python benchmarks/scan_sm90.py                                   # DiM-H/2's shapes, bf16 and fp32
+    python benchmarks/scan_sm90.py --shapes 96x3072x366 --dtypes bf16 --out /tmp/s.json
+
+How: a stand-in Triton driver reports GPUTarget('cuda', 90, 32); the launcher (libs/scan/triton_scan.py `_forward`,
+`_backward`) runs on meta tensors with 132 SMs, and each kernel launch it makes becomes that kernel's `warmup`
+(compile only), so every kernel is built with exactly the launcher's grid, constexprs, warps and argument
+specialisations. The inputs have the mixer's strides (libs/mamba_mixer.py): u and delta contiguous (B, Di, L); z a
+channel-last view of in_proj's (B, L, 2 Di) output; B and C column slices of x_proj's (B, L, R + 2N) output,
+R = Di / 32; the output gradient channel-last, as out_proj's backward gives it; the last state's gradient a zero
+(B, Di, N) tensor, as autograd materialises it. ptxas -v (registers, spills), cuobjdump (resources) and nvdisasm
+(SASS) come from the triton wheel (triton/backends/nvidia/bin).
+
+Per kernel: warps, registers, spill stores/loads (bytes), shared memory, occupancy, the main loop (the innermost
+loop with the most instructions: its length, MUFU, shuffles, bar.sync) and its SASS warp-instructions per
+channel-step, and bytes moved (every distinct tensor argument once: re-reads of B and C by other channel blocks
+come from L2). Torch ops the launcher runs between kernels (sums of partials, dtype casts) are rows with their
+input + output bytes.
+
+Estimate model (stated, not measured; H100 SXM): 132 SMs at 1.755 GHz, HBM 3.35 TB/s. Per SM at most 65536
+registers, 228 KB shared memory, 64 warps, 32 blocks (ptxas allocates registers per warp in units of 256; Triton's
+shared memory plus 1 KB reserved per block). Issue: 4 warp-instructions per clock per SM with latency hidden,
+but at most one per resident warp (a grid too small to fill the SMs issues less); MUFU (ex2, lg2, rcp): 16
+results per clock per SM; bytes: HBM bandwidth. A kernel takes the largest of the three; a pass sums its kernels
+and torch ops; 'x bound' divides by the pass's bytes bound (benchmarks/gpu_check_scan.py `bytes_bound`: each
+input read once, each output written once). Launch overheads and wave tails are not counted.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from benchmarks.gpu_check_scan import bytes_bound  # noqa: E402
+from benchmarks.machine import cpu_name  # noqa: E402
+
+SHAPES = ((96, 3072, 366), (16, 3072, 1230), (1, 3072, 9806))
+D_STATE = 16
+DTYPES = ('bf16', 'fp32')
+H100 = dict(sms=132, clock_hz=1.755e9, hbm_bytes_per_s=3.35e12, issue_per_clock=4, mufu_results_per_clock=16)
+SM90 = dict(registers=65536, shared_bytes=228 * 1024, warps=64, blocks=32, reserved_shared=1024, reg_unit=256)
+MUFU = ('MUFU',)
+
+# Work done by one iteration of a kernel's main loop: (iterations summed over all programs, channel-steps per
+# iteration of one program), from the launch's arguments `a` (by name, constexprs included) and its grid.
+LOOP_WORK = {
+    'scan_fwd_kernel': lambda a, g: (g[0] * g[1] * math.ceil(a['L'] / a['UNROLL']), a['BLOCK_D'] * a['UNROLL']),
+    'scan_fwd_segment_kernel': lambda a, g: (g[0] * g[1] * math.ceil(a['L'] / a['UNROLL']),
+                                             a['BLOCK_D'] * a['UNROLL']),
+    'segment_carry_kernel': lambda a, g: (g[0] * g[1] * a['n_seg'], a['BLOCK_D']),
+    'scan_bwd_segment_kernel': lambda a, g: (g[0] * g[1] * math.ceil(a['L'] / a['UNROLL']),
+                                             a['BLOCK_D'] * a['UNROLL']),
+    'scan_bwd_kernel': lambda a, g: (g[0] * g[1] * math.ceil(a['L'] / a['T']), a['BLOCK_D'] * a['T']),
+}
+
+
+# ------------------------------------------------------------------------------------------------ compile
+
+def _standin_driver():
+    """A Triton driver for an sm_90 GPU that is not there: enough for `warmup` (compile, never launch)."""
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.driver import DriverBase
+
+    class Sm90StandIn(DriverBase):
+        @classmethod
+        def is_active(cls):
+            return True
+
+        def map_python_to_cpp_type(self, ty):
+            return ty
+
+        def get_current_target(self):
+            return GPUTarget('cuda', 90, 32)
+
+        def get_active_torch_device(self):
+            return torch.device('meta')
+
+        def get_benchmarker(self):
+            raise RuntimeError('the sm_90 stand-in driver compiles only')
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+    return Sm90StandIn()
+
+
+def model_inputs(batch, d_inner, L, d_state, dtype):
+    """Meta tensors with the mixer's layouts (see the module docstring)."""
+    import torch
+    io = dict(bf16=torch.bfloat16, fp32=torch.float32)[dtype]
+    meta = lambda *shape, dt=io: torch.empty(*shape, dtype=dt, device='meta')
+    rank = -(-d_inner // 32)
+    xz = meta(batch, L, 2 * d_inner)
+    proj = meta(batch, L, rank + 2 * d_state)
+    x = dict(u=meta(batch, d_inner, L), delta=meta(batch, d_inner, L), A=meta(d_inner, d_state, dt=torch.float32),
+             B=proj[..., rank:rank + d_state].transpose(1, 2), C=proj[..., rank + d_state:].transpose(1, 2),
+             D=meta(d_inner, dt=torch.float32), z=xz.transpose(1, 2)[:, d_inner:],
+             delta_bias=meta(d_inner, dt=torch.float32))
+    gout = meta(batch, L, d_inner).transpose(1, 2)
+    glast = meta(batch, d_inner, d_state, dt=torch.float32)
+    return x, gout, glast
+
+
+class _Recorder:
+    """Stands in for torch.library.wrap_triton: kernel[grid](*args, **kw) compiles (warmup) and is recorded."""
+
+    def __init__(self):
+        self.launches, self.phase = [], None
+
+    def __call__(self, fn):
+        rec = self
+
+        class Launch:
+            def __getitem__(self, grid):
+                def go(*args, **kwargs):
+                    compiled = fn.warmup(*args, grid=grid, **kwargs)
+                    bound = dict(zip(fn.arg_names, args), **kwargs)
+                    rec.launches.append(dict(kind='kernel', phase=rec.phase, name=fn.__name__, grid=tuple(grid),
+                                             args=bound, compiled=compiled))
+                return go
+        return Launch()
+
+
+def _torch_ops_mode(rec):
+    """Records the torch ops that move data (not allocations or views) with their input + output bytes."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            aliasing = any(r.alias_info is not None for r in func._schema.returns)
+            if not aliasing and not name.startswith(('empty', 'new_empty', 'zeros', 'full')):
+                moved = nbytes(tree_leaves((args, kwargs))) + nbytes(tree_leaves(out))
+                rec.launches.append(dict(kind='torch', phase=rec.phase, name=f'torch {name}', bytes=moved))
+            return out
+    return Mode()
+
+
+def compile_shape(batch, d_inner, L, d_state, dtype):
+    """Runs the launcher's forward and backward for one shape on meta tensors; returns the recorded launches."""
+    import triton
+    from libs.scan import triton_scan as ts
+    rec = _Recorder()
+    saved = (ts.wrap_triton, ts._sm_count)
+    saved_driver = triton.runtime.driver._active      # None on a machine without a GPU: restored as it was
+    ts.wrap_triton, ts._sm_count = rec, (lambda device: H100['sms'])
+    triton.runtime.driver.set_active(_standin_driver())
+    try:
+        x, gout, glast = model_inputs(batch, d_inner, L, d_state, dtype)
+        chunk, bwd_chunk = ts._chunks(None, None)
+        with _torch_ops_mode(rec):
+            rec.phase = 'fwd'
+            _, _, states = ts._forward(*x.values(), True, chunk, bwd_chunk, 0, 0, True, launch=True)
+            rec.phase = 'bwd'
+            ts._backward(gout, glast, *x.values(), states, True, chunk, bwd_chunk, 0, 0, launch=True)
+    finally:
+        ts.wrap_triton, ts._sm_count = saved
+        triton.runtime.driver._active = saved_driver
+    return rec.launches
+
+
+# ------------------------------------------------------------------------------------------------ machine code
+
+def _tool(name):
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', name)
+
+
+def ptxas_report(ptx):
+    """(registers, spill store bytes, spill load bytes) from ptxas -v with Triton's flags."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, 'k.ptx')
+        with open(src, 'w') as f:
+            f.write(ptx)
+        arch = re.search(r'\.target\s+(sm_\w+)', ptx).group(1)
+        log = subprocess.run([_tool('ptxas'), '-lineinfo', '-v', '--regAllocOptLevel=2', f'--gpu-name={arch}', src,
+                              '-o', os.path.join(tmp, 'k.o')], capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r'Used (\d+) registers', log).group(1))
+    spills = re.search(r'(\d+) bytes spill stores, (\d+) bytes spill loads', log)
+    return regs, int(spills.group(1)), int(spills.group(2))
+
+
+def sass(cubin):
+    """[(address, opcode, branch target label or None)], {label: address} from nvdisasm."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, 'k.cubin')
+        with open(path, 'wb') as f:
+            f.write(cubin)
+        text = subprocess.run([_tool('nvdisasm'), '-c', path], capture_output=True, text=True, check=True).stdout
+    instrs, labels, pending = [], {}, []
+    for line in text.splitlines():
+        m = re.match(r'\s*(\.L_x_\d+):', line)
+        if m:
+            pending.append(m.group(1))
+            continue
+        m = re.match(r'\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*)', line)
+        if m:
+            addr = int(m.group(1), 16)
+            for label in pending:
+                labels[label] = addr
+            pending = []
+            target = re.search(r'`\((\.L_x_\d+)\)', m.group(3))
+            instrs.append((addr, m.group(2), target.group(1) if target else None))
+    return instrs, labels
+
+
+def main_loop(instrs, labels):
+    """The innermost backward-branch loop with the most instructions: its opcodes (all code when no loop)."""
+    loops = [(labels[t], addr) for addr, op, t in instrs if op.startswith('BRA') and t and labels[t] <= addr]
+    inner = [(s, e) for s, e in loops if not any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in loops)]
+    if not inner:
+        return [op for _, op, _ in instrs if op != 'NOP'], False
+    s, e = max(inner, key=lambda l: l[1] - l[0])
+    return [op for a, op, _ in instrs if s <= a <= e and op != 'NOP'], True
+
+
+def occupancy(warps, regs, shared):
+    reg_unit = SM90['reg_unit']
+    per_warp = -(-regs * 32 // reg_unit) * reg_unit
+    by_regs = SM90['registers'] // per_warp // warps
+    by_shared = SM90['shared_bytes'] // (shared + SM90['reserved_shared'])
+    blocks = min(SM90['blocks'], SM90['warps'] // warps, by_regs, by_shared)
+    return blocks, blocks * warps / SM90['warps']
+
+
+def kernel_row(launch):
+    """The machine-code figures and estimates of one recorded kernel launch."""
+    ck, args, grid = launch['compiled'], launch['args'], launch['grid']
+    warps, shared = ck.metadata.num_warps, ck.metadata.shared
+    regs, spill_st, spill_ld = ptxas_report(ck.asm['ptx'])
+    instrs, labels = sass(ck.asm['cubin'])
+    body, looped = main_loop(instrs, labels)
+    programs = math.prod(grid)
+    if looped:
+        iterations, chan_steps = LOOP_WORK[launch['name']](args, grid)
+    else:
+        iterations, chan_steps = programs, None
+    blocks, occ = occupancy(warps, regs, shared)
+    outside = len([1 for _, op, _ in instrs if op != 'NOP']) - (len(body) if looped else 0)
+    warp_instrs = (iterations * len(body) + programs * outside) * warps
+    mufu = iterations * sum(op.startswith(MUFU) for op in body) * warps
+    resident_warps = min(blocks, -(-programs // H100['sms'])) * warps
+    issue_s = warp_instrs / (H100['sms'] * H100['clock_hz'] * min(H100['issue_per_clock'], resident_warps))
+    mufu_s = mufu * 32 / (H100['sms'] * H100['clock_hz'] * H100['mufu_results_per_clock'])
+    import torch
+    seen, moved = set(), 0
+    for v in args.values():
+        if isinstance(v, torch.Tensor) and id(v) not in seen:
+            seen.add(id(v))
+            moved += v.numel() * v.element_size()
+    bytes_s = moved / H100['hbm_bytes_per_s']
+    count = lambda *prefixes: sum(op.startswith(prefixes) for op in body)
+    return dict(
+        phase=launch['phase'], kernel=launch['name'], grid=list(grid), programs=programs, warps=warps,
+        registers=regs, spill_store_bytes=spill_st, spill_load_bytes=spill_ld, shared_bytes=shared,
+        blocks_per_sm=blocks, occupancy=occ, loop_sass=len(body), loop_mufu=count(*MUFU), loop_shfl=count('SHFL'),
+        loop_bar=count('BAR'), loop_global=count('LDG', 'STG'), loop_shared=count('LDS', 'STS'),
+        sass_per_channel_step=len(body) * warps / chan_steps if chan_steps else None,
+        mufu_per_channel_step=count(*MUFU) * warps / chan_steps if chan_steps else None,
+        warp_instructions=warp_instrs, bytes=moved, issue_ms=1e3 * issue_s, mufu_ms=1e3 * mufu_s,
+        bytes_ms=1e3 * bytes_s, estimate_ms=1e3 * max(issue_s, mufu_s, bytes_s),
+        constexprs={k: v for k, v in args.items() if k.isupper()})
+
+
+def torch_row(launch):
+    t = launch['bytes'] / H100['hbm_bytes_per_s']
+    return dict(phase=launch['phase'], kernel=launch['name'], bytes=launch['bytes'], bytes_ms=1e3 * t,
+                estimate_ms=1e3 * t)
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+def measure(shape, dtype, d_state=D_STATE):
+    batch, d_inner, L = shape
+    launches = compile_shape(batch, d_inner, L, d_state, dtype)
+    rows = [kernel_row(x) if x['kind'] == 'kernel' else torch_row(x) for x in launches]
+    elem = 2 if dtype == 'bf16' else 4
+    bound_fwd, bound_fwdbwd = bytes_bound(batch, d_inner, L, d_state, elem)
+    fwd = sum(r['estimate_ms'] for r in rows if r['phase'] == 'fwd')
+    bwd = sum(r['estimate_ms'] for r in rows if r['phase'] == 'bwd')
+    issue_only = lambda phases: sum(max(r.get('issue_ms', 0), r['bytes_ms']) for r in rows if r['phase'] in phases)
+    ms = lambda b: 1e3 * b / H100['hbm_bytes_per_s']
+    summary = dict(shape=list(shape), d_state=d_state, dtype=dtype, bound_fwd_ms=ms(bound_fwd),
+                   bound_fwdbwd_ms=ms(bound_fwdbwd), fwd_ms=fwd, fwdbwd_ms=fwd + bwd,
+                   fwd_x_bound=fwd / ms(bound_fwd), fwdbwd_x_bound=(fwd + bwd) / ms(bound_fwdbwd),
+                   fwd_x_bound_issue_only=issue_only(('fwd',)) / ms(bound_fwd),
+                   fwdbwd_x_bound_issue_only=issue_only(('fwd', 'bwd')) / ms(bound_fwdbwd),
+                   spills=sum(r.get('spill_store_bytes', 0) + r.get('spill_load_bytes', 0) for r in rows),
+                   min_occupancy=min(r['occupancy'] for r in rows if 'occupancy' in r))
+    return dict(summary=summary, kernels=rows)
+
+
+def _f(v, digits=2):
+    return '-' if v is None else (f'{v:.{digits}f}' if isinstance(v, float) else str(v))
+
+
+def table(results):
+    lines = ['| shape | dtype | pass | kernel | warps | regs | spills st/ld B | smem B | occ % | loop SASS | '
+             'MUFU/shfl/bar | SASS per ch-step | MB moved | issue / MUFU / bytes ms |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+    for res in results:
+        s = res['summary']
+        shape = 'x'.join(map(str, s['shape']))
+        for r in res['kernels']:
+            if 'registers' not in r:
+                lines.append(f"| {shape} | {s['dtype']} | {r['phase']} | {r['kernel']} | | | | | | | | | "
+                             f"{r['bytes'] / 1e6:.1f} | - / - / {r['bytes_ms']:.3f} |")
+                continue
+            lines.append(
+                f"| {shape} | {s['dtype']} | {r['phase']} | {r['kernel']} | {r['warps']} | {r['registers']} | "
+                f"{r['spill_store_bytes']}/{r['spill_load_bytes']} | {r['shared_bytes']} | {100 * r['occupancy']:.1f} | "
+                f"{r['loop_sass']} | {r['loop_mufu']}/{r['loop_shfl']}/{r['loop_bar']} | "
+                f"{_f(r['sass_per_channel_step'], 1)} | {r['bytes'] / 1e6:.1f} | "
+                f"{r['issue_ms']:.3f} / {r['mufu_ms']:.3f} / {r['bytes_ms']:.3f} |")
+    lines += ['', '| shape | dtype | bound fwd ms | est fwd ms (x bound; issue only) | bound f+b ms | '
+              'est f+b ms (x bound; issue only) | spills B | min occ % |', '|---|---|---|---|---|---|---|---|']
+    for res in results:
+        s = res['summary']
+        lines.append(f"| {'x'.join(map(str, s['shape']))} | {s['dtype']} | {s['bound_fwd_ms']:.3f} | "
+                     f"{s['fwd_ms']:.3f} ({s['fwd_x_bound']:.1f}x; {s['fwd_x_bound_issue_only']:.1f}x) | "
+                     f"{s['bound_fwdbwd_ms']:.3f} | {s['fwdbwd_ms']:.3f} ({s['fwdbwd_x_bound']:.1f}x; "
+                     f"{s['fwdbwd_x_bound_issue_only']:.1f}x) | {s['spills']} | {100 * s['min_occupancy']:.1f} |")
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--shapes', default=','.join('x'.join(map(str, s)) for s in SHAPES),
+                        help='comma-separated BATCHxDIxL')
+    parser.add_argument('--dtypes', default=','.join(DTYPES), help='comma-separated: bf16, fp32')
+    parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results', 'scan_sm90.json'))
+    args = parser.parse_args(argv)
+    try:
+        shapes = [tuple(int(v) for v in s.split('x')) for s in args.shapes.split(',')]
+    except ValueError:
+        parser.error(f'--shapes must be BATCHxDIxL[,...], got {args.shapes!r}')
+    if any(len(s) != 3 or min(s) < 1 for s in shapes):
+        parser.error(f'--shapes must be BATCHxDIxL[,...] with positive sizes, got {args.shapes!r}')
+    dtypes = args.dtypes.split(',')
+    if not set(dtypes) <= set(DTYPES):
+        parser.error(f'--dtypes must be among {DTYPES}, got {args.dtypes!r}')
+    import triton
+    t0 = time.time()
+    results = [measure(shape, dtype) for shape in shapes for dtype in dtypes]
+    report = dict(script='benchmarks/scan_sm90.py', argv=sys.argv[1:] if argv is None else argv,
+                  date=time.strftime('%Y-%m-%d %H:%M:%S %Z'), cpu=cpu_name(), triton=triton.__version__,
+                  target="GPUTarget('cuda', 90, 32), 132 SMs", model=dict(h100=H100, sm90_limits=SM90),
+                  seconds=time.time() - t0, results=results)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, 'w') as f:
+        json.dump(report, f, indent=1)
+    print(table(results))
+    print(f'\nwrote {args.out} ({report["seconds"]:.0f} s)')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
