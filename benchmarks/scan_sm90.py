@@ -49,16 +49,26 @@ H100 = dict(sms=132, clock_hz=1.755e9, hbm_bytes_per_s=3.35e12, issue_per_clock=
 SM90 = dict(registers=65536, shared_bytes=228 * 1024, warps=64, blocks=32, reserved_shared=1024, reg_unit=256)
 MUFU = ('MUFU',)
 
-# Work done by one iteration of a kernel's main loop: (iterations summed over all programs, channel-steps per
-# iteration of one program), from the launch's arguments `a` (by name, constexprs included) and its grid.
+
+
+def _blocks(a):
+    """T-step blocks a row of programs (one sample, one channel block) walks over L, chunk by chunk."""
+    full, rest = divmod(a['L'], a['chunk_len'] if 'chunk_len' in a else a['CHUNK'])
+    return full * math.ceil((a['chunk_len'] if 'chunk_len' in a else a['CHUNK']) / a['T']) + math.ceil(rest / a['T'])
+
+
+def _chunks(a):
+    return math.ceil(a['L'] / (a['chunk_len'] if 'chunk_len' in a else a['CHUNK']))
+
+
+# The loop nest of each kernel: iterations of each loop level (outermost first) summed over a row of programs (one
+# sample, one channel block, all segments), and the (channel, step) pairs the row covers, from the launch's
+# arguments `a` (by name, constexprs included). The carry pass's 'steps' are segments.
 LOOP_WORK = {
-    'scan_fwd_kernel': lambda a, g: (g[0] * g[1] * math.ceil(a['L'] / a['UNROLL']), a['BLOCK_D'] * a['UNROLL']),
-    'scan_fwd_segment_kernel': lambda a, g: (g[0] * g[1] * math.ceil(a['L'] / a['UNROLL']),
-                                             a['BLOCK_D'] * a['UNROLL']),
-    'segment_carry_kernel': lambda a, g: (g[0] * g[1] * a['n_seg'], a['BLOCK_D']),
-    'scan_bwd_segment_kernel': lambda a, g: (g[0] * g[1] * math.ceil(a['L'] / a['UNROLL']),
-                                             a['BLOCK_D'] * a['UNROLL']),
-    'scan_bwd_kernel': lambda a, g: (g[0] * g[1] * math.ceil(a['L'] / a['T']), a['BLOCK_D'] * a['T']),
+    'scan_fwd_kernel': lambda a: ([_chunks(a), _blocks(a), a['L']], a['BLOCK_D'] * a['L']),
+    'scan_bwd_segment_kernel': lambda a: ([math.ceil(a['L'] / a['T'])], a['BLOCK_D'] * a['L']),
+    'scan_bwd_kernel': lambda a: ([_chunks(a), _blocks(a)], a['BLOCK_D'] * a['L']),
+    'segment_carry_kernel': lambda a: ([a['n_seg']], a['BLOCK_D'] * a['n_seg']),
 }
 
 
@@ -143,10 +153,13 @@ def _torch_ops_mode(rec):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             name = func.overloadpacket.__name__
-            aliasing = any(r.alias_info is not None for r in func._schema.returns)
-            if not aliasing and not name.startswith(('empty', 'new_empty', 'zeros', 'full')):
-                moved = nbytes(tree_leaves((args, kwargs))) + nbytes(tree_leaves(out))
-                rec.launches.append(dict(kind='torch', phase=rec.phase, name=f'torch {name}', bytes=moved))
+            view = any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+            if not view and not name.startswith(('empty', 'new_empty')):
+                ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+                outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)
+                        and not any(t is i for i in ins)]       # an in-place op's output is its written input
+                rec.launches.append(dict(kind='torch', phase=rec.phase, name=f'torch {name}',
+                                         bytes=nbytes(ins) + nbytes(outs)))
             return out
     return Mode()
 
@@ -219,14 +232,22 @@ def sass(cubin):
     return instrs, labels
 
 
-def main_loop(instrs, labels):
-    """The innermost backward-branch loop with the most instructions: its opcodes (all code when no loop)."""
-    loops = [(labels[t], addr) for addr, op, t in instrs if op.startswith('BRA') and t and labels[t] <= addr]
-    inner = [(s, e) for s, e in loops if not any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in loops)]
+def loop_nest(instrs, labels):
+    """The loops (backward branches) enclosing the largest innermost loop, outermost first, each as the opcodes
+    it runs itself (those of the loop inside it excluded); [] when the kernel has no loop."""
+    loops = sorted({(labels[t], addr) for addr, op, t in instrs if op.startswith('BRA') and t and labels[t] <= addr})
+    inside = lambda x, y: y[0] <= x[0] and x[1] <= y[1] and x != y
+    inner = [x for x in loops if not any(inside(y, x) for y in loops)]
     if not inner:
-        return [op for _, op, _ in instrs if op != 'NOP'], False
-    s, e = max(inner, key=lambda l: l[1] - l[0])
-    return [op for a, op, _ in instrs if s <= a <= e and op != 'NOP'], True
+        return []
+    chain = [max(inner, key=lambda x: x[1] - x[0])]
+    while any(inside(chain[0], y) for y in loops):
+        chain.insert(0, min((y for y in loops if inside(chain[0], y)), key=lambda y: y[1] - y[0]))
+    own = []
+    for i, (s, e) in enumerate(chain):
+        sub = chain[i + 1] if i + 1 < len(chain) else (1, 0)
+        own.append([op for a, op, _ in instrs if s <= a <= e and not sub[0] <= a <= sub[1] and op != 'NOP'])
+    return own
 
 
 def occupancy(warps, regs, shared):
@@ -240,38 +261,41 @@ def occupancy(warps, regs, shared):
 
 def kernel_row(launch):
     """The machine-code figures and estimates of one recorded kernel launch."""
+    import torch
     ck, args, grid = launch['compiled'], launch['args'], launch['grid']
     warps, shared = ck.metadata.num_warps, ck.metadata.shared
     regs, spill_st, spill_ld = ptxas_report(ck.asm['ptx'])
     instrs, labels = sass(ck.asm['cubin'])
-    body, looped = main_loop(instrs, labels)
-    programs = math.prod(grid)
-    if looped:
-        iterations, chan_steps = LOOP_WORK[launch['name']](args, grid)
-    else:
-        iterations, chan_steps = programs, None
+    nest = loop_nest(instrs, labels)
+    programs, rows = math.prod(grid), grid[0] * grid[1]
+    iterations, chan_steps = LOOP_WORK[launch['name']](args)
+    if len(nest) != len(iterations):
+        raise RuntimeError(f"{launch['name']}: the SASS has a loop nest of depth {len(nest)}, scan_sm90.LOOP_WORK "
+                           f"describes {len(iterations)}: update LOOP_WORK to the kernel's loops")
+    count = lambda ops, *prefixes: sum(op.startswith(prefixes) for op in ops)
+    loop_instrs = sum(len(ops) * n for ops, n in zip(nest, iterations)) * rows
+    loop_mufu = sum(count(ops, *MUFU) * n for ops, n in zip(nest, iterations)) * rows
+    outside = len([1 for _, op, _ in instrs if op != 'NOP']) - sum(len(ops) for ops in nest)
+    warp_instrs = (loop_instrs + programs * outside) * warps
     blocks, occ = occupancy(warps, regs, shared)
-    outside = len([1 for _, op, _ in instrs if op != 'NOP']) - (len(body) if looped else 0)
-    warp_instrs = (iterations * len(body) + programs * outside) * warps
-    mufu = iterations * sum(op.startswith(MUFU) for op in body) * warps
     resident_warps = min(blocks, -(-programs // H100['sms'])) * warps
     issue_s = warp_instrs / (H100['sms'] * H100['clock_hz'] * min(H100['issue_per_clock'], resident_warps))
-    mufu_s = mufu * 32 / (H100['sms'] * H100['clock_hz'] * H100['mufu_results_per_clock'])
-    import torch
+    mufu_s = loop_mufu * warps * 32 / (H100['sms'] * H100['clock_hz'] * H100['mufu_results_per_clock'])
     seen, moved = set(), 0
     for v in args.values():
         if isinstance(v, torch.Tensor) and id(v) not in seen:
             seen.add(id(v))
             moved += v.numel() * v.element_size()
     bytes_s = moved / H100['hbm_bytes_per_s']
-    count = lambda *prefixes: sum(op.startswith(prefixes) for op in body)
+    body = nest[-1]
     return dict(
         phase=launch['phase'], kernel=launch['name'], grid=list(grid), programs=programs, warps=warps,
         registers=regs, spill_store_bytes=spill_st, spill_load_bytes=spill_ld, shared_bytes=shared,
-        blocks_per_sm=blocks, occupancy=occ, loop_sass=len(body), loop_mufu=count(*MUFU), loop_shfl=count('SHFL'),
-        loop_bar=count('BAR'), loop_global=count('LDG', 'STG'), loop_shared=count('LDS', 'STS'),
-        sass_per_channel_step=len(body) * warps / chan_steps if chan_steps else None,
-        mufu_per_channel_step=count(*MUFU) * warps / chan_steps if chan_steps else None,
+        blocks_per_sm=blocks, occupancy=occ, loop_depth=len(nest), loop_sass=len(body),
+        loop_mufu=count(body, *MUFU), loop_shfl=count(body, 'SHFL'), loop_bar=count(body, 'BAR'),
+        loop_global=count(body, 'LDG', 'STG'), loop_shared=count(body, 'LDS', 'STS'),
+        sass_per_channel_step=loop_instrs * warps / (chan_steps * rows),
+        mufu_per_channel_step=loop_mufu * warps / (chan_steps * rows),
         warp_instructions=warp_instrs, bytes=moved, issue_ms=1e3 * issue_s, mufu_ms=1e3 * mufu_s,
         bytes_ms=1e3 * bytes_s, estimate_ms=1e3 * max(issue_s, mufu_s, bytes_s),
         constexprs={k: v for k, v in args.items() if k.isupper()})

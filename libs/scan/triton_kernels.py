@@ -11,12 +11,13 @@ layout a [W, BLOCK_D] tensor broadcasts from. B and C come as one fp32 row of 2 
 packed (batch, L, 2, N_PAD) copy, split into per-state scalars (per state group). Outputs per step are joined
 back into [BLOCK_D, T] tiles (`join_last`) and stored along L.
 Buffers (fp32, contiguous, written and read only here):
-    BC          (batch, L, 2, N_PAD)           B and C, padded states zero
+    BC          (batch, L_bc, 2, N_PAD)        B and C, padded states and the L_bc - L >= T - 1 rows after L zero
+                                               (a block's rows are read without clamping to L)
     states      (batch, n_chunks, Di, N_PAD)   state entering each CHUNK-step chunk
     ends, carry (batch, n_seg, Di, N_PAD)      per-segment local results / carried-in values
     dtsum       (batch, n_seg, Di)             sum of the effective dt over each segment
     dBC part    (batch, n_dblocks, L, 2, N_PAD) per-channel-block sums of dB and dC (summed by the caller)
-    dA part     (batch, n_seg, Di, N_PAD); dD / dbias parts (batch, n_seg, Di)
+    dA part     (batch, n_seg, N_PAD, Di); dD / dbias parts (batch, n_seg, Di)
 Portable Triton only (no inline asm, no explicit libdevice calls); runs under TRITON_INTERPRET=1.
 """
 import triton
@@ -78,11 +79,66 @@ def join_last(xs, SHAPE: tl.constexpr, LOG_WIDTH: tl.constexpr):
         parts = parts + (tl.reshape(xs[k], SHAPE + (1,)),)
     for lvl in tl.static_range(LOG_WIDTH):
         nxt = ()
-        half = len(parts) // 2
-        for k in tl.static_range(half):
-            nxt = nxt + (tl.reshape(tl.join(parts[k], parts[k + half]), SHAPE + (2 << lvl,)),)
+        for k in tl.static_range(len(parts) // 2):
+            nxt = nxt + (tl.reshape(tl.join(parts[k], parts[k + len(parts) // 2]), SHAPE + (2 << lvl,)),)
         parts = nxt
     return parts[0]
+
+
+@triton.jit
+def block_entries(h, A2, bias, dt_ptr, u_ptr, s_td, s_tl, s_ud, s_ul, BC_p, d, t_start, L, Di, entries_p,
+                  SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, W: tl.constexpr, NW: tl.constexpr,
+                  LOG_NW: tl.constexpr, T: tl.constexpr, LOG_T: tl.constexpr, K: tl.constexpr):
+    """From h entering step t_start, the states entering the K T-step blocks from there, to the program's own
+    scratch `entries_p` (K, N_PAD, BLOCK_D): each thread writes and later reads back only its own values."""
+    for s in tl.static_range(K):
+        store_entry(entries_p + s * (W * NW * BLOCK_D), h, W, NW, BLOCK_D)
+        if s < K - 1:
+            t = t_start + s * T + tl.arange(0, T)
+            m2 = (d < Di)[:, None] & (t < L)[None, :]
+            r = load_tile(dt_ptr, s_td, s_tl, d, t, m2) + bias[:, None]
+            if SOFTPLUS:
+                dt, _w = softplus_dt(r, m2)
+            else:
+                dt = tl.where(m2, r, 0.0)
+            cols = step_columns((dt, dt * load_tile(u_ptr, s_ud, s_ul, d, t, m2)), BLOCK_D, T, LOG_T, 1)
+            h, _ys = fwd_steps(h, A2, cols, BC_p, t_start + s * T, L, W, NW, LOG_NW, T, False)
+
+
+@triton.jit
+def store_entry(p, h, W: tl.constexpr, NW: tl.constexpr, BLOCK_D: tl.constexpr):
+    off = tl.arange(0, W)[:, None] * (NW * BLOCK_D) + tl.arange(0, BLOCK_D)[None, :]
+    for k in tl.static_range(NW):
+        tl.store(p + off + k * BLOCK_D, h[k])
+
+
+@triton.jit
+def load_entry(p, W: tl.constexpr, NW: tl.constexpr, BLOCK_D: tl.constexpr):
+    off = tl.arange(0, W)[:, None] * (NW * BLOCK_D) + tl.arange(0, BLOCK_D)[None, :]
+    out = ()
+    for k in tl.static_range(NW):
+        out = out + (tl.load(p + off + k * BLOCK_D),)
+    return out
+
+
+@triton.jit
+def group_sums(xs, W: tl.constexpr, BLOCK_D: tl.constexpr, LOG_W: tl.constexpr, LOG_V: tl.constexpr):
+    """Sum over the W state groups of 2**LOG_V [W, BLOCK_D] tensors -> [BLOCK_D, 2**LOG_V], regrouped (one pass
+    through shared memory) so that each thread adds the W groups of a value in registers."""
+    x = tl.permute(join_last(xs, (W, BLOCK_D), LOG_V), (1, 2, 0))                      # [BLOCK_D, V, W]
+    parts = split_last(x, (BLOCK_D, 1 << LOG_V), W, LOG_W)
+    acc = parts[0]
+    for q in tl.static_range(1, W):
+        acc += parts[q]
+    return acc
+
+
+@triton.jit
+def step_columns(tiles, BLOCK_D: tl.constexpr, T: tl.constexpr, LOG_T: tl.constexpr, LOG_Q: tl.constexpr):
+    """2**LOG_Q [BLOCK_D, T] tiles -> their T * 2**LOG_Q columns [BLOCK_D] (column q of step i at i * 2**LOG_Q + q),
+    one regrouping for all."""
+    x = tl.reshape(join_last(tiles, (BLOCK_D, T), LOG_Q), [BLOCK_D, T << LOG_Q])
+    return split_last(x, (BLOCK_D,), T << LOG_Q, LOG_T + LOG_Q)
 
 
 @triton.jit
@@ -121,12 +177,15 @@ def load_tile(ptr, s_d, s_l, d, t, mask):
 
 
 @triton.jit
-def bc_rows(row_ptr, W: tl.constexpr, NW: tl.constexpr, LOG_NW: tl.constexpr):
-    """The B and C values of one step, per state group: (B_k, C_k) tuples of NW [W, 1] tensors."""
+def bc_rows(row_ptr, W: tl.constexpr, NW: tl.constexpr, LOG_NW: tl.constexpr, AGAIN: tl.constexpr = False):
+    """The B and C values of one step, per state group: (B_k, C_k) tuples of NW [W, 1] tensors. AGAIN: a second
+    read of the row, with another L2 eviction hint so that the compiler does not merge it with the first (whose
+    values would then stay in registers in between)."""
     w = tl.arange(0, W)[:, None]
     k = tl.arange(0, NW)[None, :]
-    bs = split_last(tl.load(row_ptr + w * NW + k), (W,), NW, LOG_NW)
-    cs = split_last(tl.load(row_ptr + (W * NW) + w * NW + k), (W,), NW, LOG_NW)
+    policy: tl.constexpr = "evict_last" if AGAIN else ""
+    bs = split_last(tl.load(row_ptr + w * NW + k, eviction_policy=policy), (W,), NW, LOG_NW)
+    cs = split_last(tl.load(row_ptr + (W * NW) + w * NW + k, eviction_policy=policy), (W,), NW, LOG_NW)
     b_out = ()
     c_out = ()
     for j in tl.static_range(NW):
@@ -136,32 +195,37 @@ def bc_rows(row_ptr, W: tl.constexpr, NW: tl.constexpr, LOG_NW: tl.constexpr):
 
 
 @triton.jit
-def load_state(ptr, d, Di, N, W: tl.constexpr, NW: tl.constexpr, LOG_NW: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A (Di, N)-major fp32 block at ptr (row stride N) -> tuple of NW [W, BLOCK_D] (zero past Di and N)."""
-    n = tl.arange(0, W)[:, None, None] * NW + tl.arange(0, NW)[None, None, :]
-    dd = d[None, :, None]
-    x = tl.load(ptr + dd * N + n, mask=(dd < Di) & (n < N), other=0.0)
-    return split_last(x, (W, BLOCK_D), NW, LOG_NW)
+def load_state(ptr, d, Di, N, W: tl.constexpr, NW: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A (Di, N)-major fp32 block at ptr (row stride N) -> tuple of NW [W, BLOCK_D] (zero past Di and N).
+    One load per state: a joined [W, BLOCK_D, NW] tile would be wider to store but would be converted to and
+    from the state layout."""
+    dd = d[None, :]
+    out = ()
+    for k in tl.static_range(NW):
+        n = tl.arange(0, W)[:, None] * NW + k
+        out = out + (tl.load(ptr + dd * N + n, mask=(dd < Di) & (n < N), other=0.0),)
+    return out
 
 
 @triton.jit
-def store_state(ptr, h, d, Di, N, W: tl.constexpr, NW: tl.constexpr, LOG_NW: tl.constexpr, BLOCK_D: tl.constexpr,
-                ok=True):
-    n = tl.arange(0, W)[:, None, None] * NW + tl.arange(0, NW)[None, None, :]
-    dd = d[None, :, None]
-    tl.store(ptr + dd * N + n, join_last(h, (W, BLOCK_D), LOG_NW), mask=(dd < Di) & (n < N) & ok)
+def store_state(ptr, h, d, Di, N, W: tl.constexpr, NW: tl.constexpr, BLOCK_D: tl.constexpr, ok=True):
+    dd = d[None, :]
+    for k in tl.static_range(NW):
+        n = tl.arange(0, W)[:, None] * NW + k
+        tl.store(ptr + dd * N + n, h[k], mask=(dd < Di) & (n < N) & ok)
 
 
 @triton.jit
-def fwd_steps(h, A2, dtc, dtuc, BC_p, t0, L, W: tl.constexpr, NW: tl.constexpr, LOG_NW: tl.constexpr,
+def fwd_steps(h, A2, cols, BC_p, t0, L, W: tl.constexpr, NW: tl.constexpr, LOG_NW: tl.constexpr,
               T: tl.constexpr, WITH_Y: tl.constexpr):
-    """T steps of h <- exp(dt A) h + dt u B from step t0 (columns dtc, dtuc); with WITH_Y the per-group partial
-    sums y_t = sum_k C h (a tuple of T [W, BLOCK_D])."""
+    """T steps of h <- exp(dt A) h + dt u B from step t0 (cols: dt of step i at 2 i, dt u at 2 i + 1); with
+    WITH_Y the per-group partial sums y_t = sum_k C h (a tuple of T [W, BLOCK_D]). Unrolled: for the backward's
+    states; the forward walks its steps in a loop (`fwd_loop`)."""
     ys = ()
     for i in tl.static_range(T):
-        Bk, Ck = bc_rows(BC_p + tl.minimum(t0 + i, L - 1) * (2 * W * NW), W, NW, LOG_NW)
-        dt = dtc[i][None, :]
-        dtu = dtuc[i][None, :]
+        Bk, Ck = bc_rows(BC_p + (t0 + i) * (2 * W * NW), W, NW, LOG_NW)
+        dt = cols[2 * i][None, :]
+        dtu = cols[2 * i + 1][None, :]
         hn = ()
         for k in tl.static_range(NW):
             hn = hn + (tl.exp2(dt * A2[k]) * h[k] + dtu * Bk[k],)
@@ -174,12 +238,44 @@ def fwd_steps(h, A2, dtc, dtuc, BC_p, t0, L, W: tl.constexpr, NW: tl.constexpr, 
     return h, ys
 
 
+@triton.jit
+def fwd_loop(h, A2, cols, BC_p, t0, L, W: tl.constexpr, NW: tl.constexpr, LOG_NW: tl.constexpr,
+             BLOCK_D: tl.constexpr, T: tl.constexpr, LOG_T: tl.constexpr, WITH_Y: tl.constexpr):
+    """fwd_steps as a loop over the T steps (a step's columns picked by selects): the compiler cannot hoist later
+    steps' exponentials and loads above earlier steps, so the registers stay those of one step. With WITH_Y,
+    y: [BLOCK_D, T] (sum over the state groups)."""
+    y_cols = ()
+    for q in tl.static_range(T):
+        y_cols = y_cols + (tl.full([BLOCK_D], 0.0, tl.float32),)
+    for i in range(tl.minimum(T, L - t0)):         # a run-time trip count: not unrolled
+        dt = cols[0]
+        dtu = cols[1]
+        for q in tl.static_range(1, T):
+            dt = tl.where(i == q, cols[2 * q], dt)
+            dtu = tl.where(i == q, cols[2 * q + 1], dtu)
+        Bk, Ck = bc_rows(BC_p + (t0 + i) * (2 * W * NW), W, NW, LOG_NW)
+        hn = ()
+        for k in tl.static_range(NW):
+            hn = hn + (tl.exp2(dt[None, :] * A2[k]) * h[k] + dtu[None, :] * Bk[k],)
+        h = hn
+        if WITH_Y:
+            y = h[0] * Ck[0]
+            for k in tl.static_range(1, NW):
+                y += h[k] * Ck[k]
+            y = tl.reduce(y, 0, _add)
+            yn = ()
+            for q in tl.static_range(T):
+                yn = yn + (tl.where(i == q, y, y_cols[q]),)
+            y_cols = yn
+    return h, join_last(y_cols, (BLOCK_D,), LOG_T)
+
+
 # ------------------------------------------------------------------------------------------------ forward
 
 @_jit
 def scan_fwd_kernel(
         u_ptr, dt_ptr, A_ptr, BC_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, last_ptr, states_ptr, carry_ptr,
-        L, Di, N, chunk_len, chunks_per_seg,
+        L, L_bc, Di, N, chunk_len, chunks_per_seg,
         s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_zb, s_zd, s_zl, s_ob, s_od, s_ol,
         HAS_CARRY: tl.constexpr, SAVE_STATES: tl.constexpr, ENDS_ONLY: tl.constexpr, HAS_D: tl.constexpr,
         HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -196,7 +292,7 @@ def scan_fwd_kernel(
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     md = d < Di
     steps = tl.arange(0, T)
-    A2 = scaled(load_state(A_ptr, d, Di, N, W, NW, LOG_NW, BLOCK_D), LOG2E)
+    A2 = scaled(load_state(A_ptr, d, Di, N, W, NW, BLOCK_D), LOG2E)
     bias = tl.full([BLOCK_D], 0.0, tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d, mask=md, other=0.0).to(tl.float32)
@@ -204,17 +300,17 @@ def scan_fwd_kernel(
         Dv = tl.load(D_ptr + d, mask=md, other=0.0).to(tl.float32)
     seg_off = (b * n_seg + seg) * Di
     if HAS_CARRY:
-        h = load_state(carry_ptr + seg_off * N_PAD, d, Di, N_PAD, W, NW, LOG_NW, BLOCK_D)
+        h = load_state(carry_ptr + seg_off * N_PAD, d, Di, N_PAD, W, NW, BLOCK_D)
     else:
         h = zero_state(W, NW, BLOCK_D)
-    BC_p = BC_ptr + b * L * (2 * N_PAD)
+    BC_p = BC_ptr + b * L_bc * (2 * N_PAD)
     dtsum = tl.full([BLOCK_D], 0.0, tl.float32)
     n_chunks = (L + chunk_len - 1) // chunk_len
     c0 = seg * chunks_per_seg
     c1 = tl.minimum(c0 + chunks_per_seg, n_chunks)
     for c in range(c0, c1):
         if SAVE_STATES:
-            store_state(states_ptr + (b * n_chunks + c) * Di * N_PAD, h, d, Di, N_PAD, W, NW, LOG_NW, BLOCK_D)
+            store_state(states_ptr + (b * n_chunks + c) * Di * N_PAD, h, d, Di, N_PAD, W, NW, BLOCK_D)
         for t0 in range(c * chunk_len, tl.minimum(c * chunk_len + chunk_len, L), T):
             t = t0 + steps
             m2 = md[:, None] & (t < L)[None, :]
@@ -224,13 +320,11 @@ def scan_fwd_kernel(
             else:
                 dt = tl.where(m2, r, 0.0)
             uu = load_tile(u_ptr + b * s_ub, s_ud, s_ul, d, t, m2)
-            dtc = split_last(dt, (BLOCK_D,), T, LOG_T)
-            dtuc = split_last(dt * uu, (BLOCK_D,), T, LOG_T)
-            h, ys = fwd_steps(h, A2, dtc, dtuc, BC_p, t0, L, W, NW, LOG_NW, T, not ENDS_ONLY)
+            cols = step_columns((dt, dt * uu), BLOCK_D, T, LOG_T, 1)
+            h, y = fwd_loop(h, A2, cols, BC_p, t0, L, W, NW, LOG_NW, BLOCK_D, T, LOG_T, not ENDS_ONLY)
             if ENDS_ONLY:
                 dtsum += tl.reduce(dt, 1, _add)
             else:
-                y = tl.reduce(join_last(ys, (W, BLOCK_D), LOG_T), 0, _add)     # [BLOCK_D, T]
                 if HAS_D:
                     y += Dv[:, None] * uu
                 if HAS_Z:
@@ -238,10 +332,10 @@ def scan_fwd_kernel(
                     y = y * zz / (1.0 + tl.exp2(-zz * LOG2E))
                 tl.store(out_ptr + b * s_ob + d[:, None] * s_od + t[None, :] * s_ol, y, mask=m2)
     if ENDS_ONLY:
-        store_state(last_ptr + seg_off * N_PAD, h, d, Di, N_PAD, W, NW, LOG_NW, BLOCK_D)
+        store_state(last_ptr + seg_off * N_PAD, h, d, Di, N_PAD, W, NW, BLOCK_D)
         tl.store(out_ptr + seg_off + d, dtsum, mask=md)
     else:
-        store_state(last_ptr + b * Di * N, h, d, Di, N, W, NW, LOG_NW, BLOCK_D, seg == n_seg - 1)
+        store_state(last_ptr + b * Di * N, h, d, Di, N, W, NW, BLOCK_D, seg == n_seg - 1)
 
 
 @_jit
@@ -256,7 +350,7 @@ def segment_carry_kernel(ends_ptr, dtsum_ptr, A_ptr, init_ptr, carry_ptr, n_seg,
     b = tl.program_id(1).to(tl.int64)
     N_PAD: tl.constexpr = W * NW
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    A2 = scaled(load_state(A_ptr, d, Di, N, W, NW, LOG_NW, BLOCK_D), LOG2E)
+    A2 = scaled(load_state(A_ptr, d, Di, N, W, NW, BLOCK_D), LOG2E)
     if HAS_INIT:
         n = tl.arange(0, W)[:, None, None] * NW + tl.arange(0, NW)[None, None, :]
         dd = d[None, :, None]
@@ -270,9 +364,9 @@ def segment_carry_kernel(ends_ptr, dtsum_ptr, A_ptr, init_ptr, carry_ptr, n_seg,
         else:
             s = i
         off = (b * n_seg + s) * Di
-        store_state(carry_ptr + off * N_PAD, v, d, Di, N_PAD, W, NW, LOG_NW, BLOCK_D)
+        store_state(carry_ptr + off * N_PAD, v, d, Di, N_PAD, W, NW, BLOCK_D)
         dts = tl.load(dtsum_ptr + off + d, mask=d < Di, other=0.0)[None, :]
-        ends = load_state(ends_ptr + off * N_PAD, d, Di, N_PAD, W, NW, LOG_NW, BLOCK_D)
+        ends = load_state(ends_ptr + off * N_PAD, d, Di, N_PAD, W, NW, BLOCK_D)
         vn = ()
         for k in tl.static_range(NW):
             vn = vn + (tl.exp2(dts * A2[k]) * v[k] + ends[k],)
@@ -295,7 +389,7 @@ def gate_tiles(g_ptr, z_ptr, s_gd, s_gl, s_zd, s_zl, d, t, m2, HAS_Z: tl.constex
 
 @_jit
 def scan_bwd_segment_kernel(
-        g_ptr, dt_ptr, A_ptr, BC_ptr, z_ptr, bias_ptr, nus_ptr, dtsum_ptr, L, Di, N, chunk_len, chunks_per_seg,
+        g_ptr, dt_ptr, A_ptr, BC_ptr, z_ptr, bias_ptr, nus_ptr, dtsum_ptr, L, L_bc, Di, N, chunk_len, chunks_per_seg,
         s_gb, s_gd, s_gl, s_tb, s_td, s_tl, s_zb, s_zd, s_zl,
         HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr,
         W: tl.constexpr, NW: tl.constexpr, LOG_NW: tl.constexpr, T: tl.constexpr, LOG_T: tl.constexpr):
@@ -310,11 +404,11 @@ def scan_bwd_segment_kernel(
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     md = d < Di
     steps = tl.arange(0, T)
-    A2 = scaled(load_state(A_ptr, d, Di, N, W, NW, LOG_NW, BLOCK_D), LOG2E)
+    A2 = scaled(load_state(A_ptr, d, Di, N, W, NW, BLOCK_D), LOG2E)
     bias = tl.full([BLOCK_D], 0.0, tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d, mask=md, other=0.0).to(tl.float32)
-    BC_p = BC_ptr + b * L * (2 * N_PAD)
+    BC_p = BC_ptr + b * L_bc * (2 * N_PAD)
     t0 = seg * chunks_per_seg * chunk_len
     t1 = tl.minimum(t0 + chunks_per_seg * chunk_len, L)
     n_blocks = (t1 - t0 + T - 1) // T
@@ -334,7 +428,7 @@ def scan_bwd_segment_kernel(
         dtc = split_last(dt, (BLOCK_D,), T, LOG_T)
         gc = split_last(g, (BLOCK_D,), T, LOG_T)
         for j in tl.static_range(T):
-            Bk, Ck = bc_rows(BC_p + tl.minimum(tb + T - 1 - j, L - 1) * (2 * N_PAD), W, NW, LOG_NW)
+            Bk, Ck = bc_rows(BC_p + (tb + T - 1 - j) * (2 * N_PAD), W, NW, LOG_NW)
             dtj = dtc[T - 1 - j][None, :]
             gj = gc[T - 1 - j][None, :]
             nun = ()
@@ -342,34 +436,37 @@ def scan_bwd_segment_kernel(
                 nun = nun + (tl.exp2(dtj * A2[k]) * (nu[k] + gj * Ck[k]),)
             nu = nun
     seg_off = (b * n_seg + seg) * Di
-    store_state(nus_ptr + seg_off * N_PAD, nu, d, Di, N_PAD, W, NW, LOG_NW, BLOCK_D)
+    store_state(nus_ptr + seg_off * N_PAD, nu, d, Di, N_PAD, W, NW, BLOCK_D)
     tl.store(dtsum_ptr + seg_off + d, dtsum, mask=md)
 
 
 @triton.jit
-def channel_sums(prods, W: tl.constexpr, BLOCK_D: tl.constexpr, V: tl.constexpr, LOG_V: tl.constexpr,
-                 RED: tl.constexpr, LOG_RED: tl.constexpr):
-    """Sum over the BLOCK_D channels of V [W, BLOCK_D] tensors -> [W, V]. Gathered so that each thread adds RED
-    channels of one value in registers (one pass through shared memory), then across the rest."""
+def channel_sums(prods, W: tl.constexpr, BLOCK_D: tl.constexpr, LOG_V: tl.constexpr, RED: tl.constexpr,
+                 LOG_RED: tl.constexpr):
+    """Sum over the BLOCK_D channels of 2**LOG_V [W, BLOCK_D] tensors -> [W, 2**LOG_V]. Regrouped (one pass through
+    shared memory) so that each thread adds RED channels of a value in registers, the high channel bits (those on
+    warps among them), then the rest with lane shuffles."""
+    V: tl.constexpr = 1 << LOG_V
     x = join_last(prods, (W, BLOCK_D), LOG_V)                                          # [W, BLOCK_D, V]
-    x = tl.permute(tl.reshape(x, [W, BLOCK_D // RED, RED, V]), (0, 1, 3, 2))           # [W, BLOCK_D/RED, V, RED]
-    parts = split_last(x, (W, BLOCK_D // RED, V), RED, LOG_RED)
+    x = tl.permute(tl.reshape(x, [W, RED, BLOCK_D // RED, V]), (0, 3, 2, 1))           # [W, V, low d, high d]
+    parts = split_last(x, (W, V, BLOCK_D // RED), RED, LOG_RED)
     acc = parts[0]
     for q in tl.static_range(1, RED):
         acc += parts[q]
-    return tl.reduce(acc, 1, _add)
+    return tl.reduce(acc, 2, _add)
 
 
 @_jit
 def scan_bwd_kernel(
         g_ptr, u_ptr, dt_ptr, A_ptr, BC_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, init_ptr,
-        du_ptr, ddt_ptr, dz_ptr, dBC_ptr, dA_ptr, dD_ptr, dbias_ptr,
-        L, Di, N, chunks_per_seg,
+        du_ptr, ddt_ptr, dz_ptr, dBC_ptr, dA_ptr, dD_ptr, dbias_ptr, entries_ptr,
+        L, L_bc, Di, N, chunks_per_seg,
         s_gb, s_gd, s_gl, s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_zb, s_zd, s_zl, s_ib, s_id, s_in,
         s_dub, s_dud, s_dul, s_dtb, s_dtd, s_dtl, s_dzb, s_dzd, s_dzl,
         INIT: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
         SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, W: tl.constexpr, NW: tl.constexpr, LOG_NW: tl.constexpr,
-        T: tl.constexpr, LOG_T: tl.constexpr, CHUNK: tl.constexpr, RED: tl.constexpr, LOG_RED: tl.constexpr):
+        T: tl.constexpr, LOG_T: tl.constexpr, CHUNK: tl.constexpr, RED: tl.constexpr, LOG_RED: tl.constexpr,
+        LOG_W: tl.constexpr):
     """Grid (n_dblocks, batch, n_seg). Walks the segment's chunks backwards. Per chunk: from its saved entry state,
     the state entering each of its T-step blocks (registers); per block, backwards: its T states again (the
     stack), then the adjoint lambda_t = C_t g_t + exp(dt_{t+1} A) lambda_{t+1} over them, and every gradient.
@@ -385,7 +482,7 @@ def scan_bwd_kernel(
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     md = d < Di
     steps = tl.arange(0, T)
-    A2 = scaled(load_state(A_ptr, d, Di, N, W, NW, LOG_NW, BLOCK_D), LOG2E)
+    A2 = scaled(load_state(A_ptr, d, Di, N, W, NW, BLOCK_D), LOG2E)
     bias = tl.full([BLOCK_D], 0.0, tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d, mask=md, other=0.0).to(tl.float32)
@@ -399,14 +496,15 @@ def scan_bwd_kernel(
         nu = tl.load(init_ptr + b * s_ib + dd * s_id + n * s_in, mask=(dd < Di) & (n < N), other=0.0)
         nu = split_last(nu.to(tl.float32), (W, BLOCK_D), NW, LOG_NW)
     elif INIT == 2:
-        nu = load_state(init_ptr + seg_off * N_PAD, d, Di, N_PAD, W, NW, LOG_NW, BLOCK_D)
+        nu = load_state(init_ptr + seg_off * N_PAD, d, Di, N_PAD, W, NW, BLOCK_D)
     else:
         nu = zero_state(W, NW, BLOCK_D)
     dA = zero_state(W, NW, BLOCK_D)
     dD_acc = tl.full([BLOCK_D], 0.0, tl.float32)
     dbias_acc = tl.full([BLOCK_D], 0.0, tl.float32)
-    BC_p = BC_ptr + b * L * (2 * N_PAD)
+    BC_p = BC_ptr + b * L_bc * (2 * N_PAD)
     dBC_p = dBC_ptr + (b * n_dblocks + pid_d) * L * (2 * N_PAD)
+    entries_p = entries_ptr + ((b * n_dblocks + pid_d) * n_seg + seg) * (K * N_PAD * BLOCK_D)
     wq = tl.arange(0, W)[:, None]
     q = tl.arange(0, 2 * NW)[None, :]
     dBC_off = (q // NW) * N_PAD + wq * NW + q % NW                   # [W, 2 NW]: (B | C, state w * NW + k)
@@ -415,23 +513,13 @@ def scan_bwd_kernel(
     c1 = tl.minimum(c0 + chunks_per_seg, n_chunks)
     for cc in range(c1 - c0):
         c = c1 - 1 - cc
-        h = load_state(states_ptr + (b * n_chunks + c) * Di * N_PAD, d, Di, N_PAD, W, NW, LOG_NW, BLOCK_D)
-        entries = (h,)
-        for s in tl.static_range(K - 1):
-            t = c * CHUNK + s * T + steps
-            m2 = md[:, None] & (t < L)[None, :]
-            r = load_tile(dt_ptr + b * s_tb, s_td, s_tl, d, t, m2) + bias[:, None]
-            if SOFTPLUS:
-                dt, _w = softplus_dt(r, m2)
-            else:
-                dt = tl.where(m2, r, 0.0)
-            uu = load_tile(u_ptr + b * s_ub, s_ud, s_ul, d, t, m2)
-            h, _ys = fwd_steps(h, A2, split_last(dt, (BLOCK_D,), T, LOG_T),
-                               split_last(dt * uu, (BLOCK_D,), T, LOG_T), BC_p, c * CHUNK + s * T, L, W, NW, LOG_NW,
-                               T, False)
-            entries = entries + (h,)
-        for sr in tl.static_range(K):
-            t0 = c * CHUNK + (K - 1 - sr) * T
+        h = load_state(states_ptr + (b * n_chunks + c) * Di * N_PAD, d, Di, N_PAD, W, NW, BLOCK_D)
+        block_entries(h, A2, bias, dt_ptr + b * s_tb, u_ptr + b * s_ub, s_td, s_tl, s_ud, s_ul, BC_p, d, c * CHUNK, L,
+                      Di, entries_p, SOFTPLUS, BLOCK_D, W, NW, LOG_NW, T, LOG_T, K)
+        n_blocks = tl.minimum(K, (L - c * CHUNK + T - 1) // T)
+        for sr in range(n_blocks):          # a loop, not unrolled: one block's code, one block's registers
+            blk = n_blocks - 1 - sr
+            t0 = c * CHUNK + blk * T
             t = t0 + steps
             m2 = md[:, None] & (t < L)[None, :]
             r = load_tile(dt_ptr + b * s_tb, s_td, s_tl, d, t, m2) + bias[:, None]
@@ -442,30 +530,28 @@ def scan_bwd_kernel(
             uu = load_tile(u_ptr + b * s_ub, s_ud, s_ul, d, t, m2)
             gout, g, dsilu = gate_tiles(g_ptr + b * s_gb, z_ptr + b * s_zb, s_gd, s_gl, s_zd, s_zl, d, t, m2,
                                         HAS_Z)
-            dtc = split_last(dt, (BLOCK_D,), T, LOG_T)
-            dtuc = split_last(dt * uu, (BLOCK_D,), T, LOG_T)
+            cols = step_columns((dt, dt * uu), BLOCK_D, T, LOG_T, 1)             # dt, dt u per step
             gc = split_last(g, (BLOCK_D,), T, LOG_T)
-            h = entries[K - 1 - sr]
+            h = load_entry(entries_p + blk * (N_PAD * BLOCK_D), W, NW, BLOCK_D)
             hs = ()
             for i in tl.static_range(T):
-                Bk, Ck = bc_rows(BC_p + tl.minimum(t0 + i, L - 1) * (2 * N_PAD), W, NW, LOG_NW)
+                Bk, Ck = bc_rows(BC_p + (t0 + i) * (2 * N_PAD), W, NW, LOG_NW)
                 hn = ()
                 for k in tl.static_range(NW):
-                    hn = hn + (tl.exp2(dtc[i][None, :] * A2[k]) * h[k] + dtuc[i][None, :] * Bk[k],)
+                    hn = hn + (tl.exp2(cols[2 * i][None, :] * A2[k]) * h[k] + cols[2 * i + 1][None, :] * Bk[k],)
                 h = hn
                 hs = hs + (h,)
-            dxs = ()
-            dds = ()
-            yss = ()
+            outs = ()       # per step: sum_k lambda B, sum_k A lambda exp(dt A) h_{t-1}, sum_k C h (twice)
+            prods = ()      # per step: lambda dt u (dB), g h (dC) per state
             for j in tl.static_range(T):
-                Bk, Ck = bc_rows(BC_p + tl.minimum(t0 + T - 1 - j, L - 1) * (2 * N_PAD), W, NW, LOG_NW)
-                dtj = dtc[T - 1 - j][None, :]
-                dtuj = dtuc[T - 1 - j][None, :]
+                Bk, Ck = bc_rows(BC_p + (t0 + T - 1 - j) * (2 * N_PAD), W, NW, LOG_NW, True)
+                dtj = cols[2 * (T - 1 - j)][None, :]
+                dtuj = cols[2 * (T - 1 - j) + 1][None, :]
                 gj = gc[T - 1 - j][None, :]
                 hj = hs[T - 1 - j]
                 dx = tl.full([W, BLOCK_D], 0.0, tl.float32)
-                dds_j = tl.full([W, BLOCK_D], 0.0, tl.float32)
-                ys_j = tl.full([W, BLOCK_D], 0.0, tl.float32)
+                dds = tl.full([W, BLOCK_D], 0.0, tl.float32)
+                ys = tl.full([W, BLOCK_D], 0.0, tl.float32)
                 dBs = ()
                 dCs = ()
                 nun = ()
@@ -474,23 +560,23 @@ def scan_bwd_kernel(
                     lam = nu[k] + gj * Ck[k]
                     term = lam * (hj[k] - dtuj * Bk[k])           # lambda_t exp(dt_t A) h_{t-1}
                     dx += lam * Bk[k]
-                    dds_j += term * A2[k]
-                    ys_j += hj[k] * Ck[k]
+                    dds += term * A2[k]
+                    ys += hj[k] * Ck[k]
                     dAn = dAn + (dA[k] + term * dtj,)
-                    nun = nun + (tl.exp2(dtj * A2[k]) * lam,)
+                    # exp(dt A) again, written as another expression (dt A + 0, the same value) so that the compiler
+                    # recomputes it rather than keeping the states' recomputation's values in T * NW registers
+                    nun = nun + (tl.exp2(tl.fma(dtj, A2[k], 0.0)) * lam,)
                     dBs = dBs + (lam * dtuj,)
                     dCs = dCs + (gj * hj[k],)
                 nu = nun
                 dA = dAn
+                outs = (dx, dds, ys, ys) + outs
+                sums = channel_sums(dBs + dCs, W, BLOCK_D, LOG_NW + 1, RED, LOG_RED)        # [W, 2 NW]
                 tj = t0 + T - 1 - j
-                sums = channel_sums(dBs + dCs, W, BLOCK_D, 2 * NW, LOG_NW + 1, RED, LOG_RED)
                 tl.store(dBC_p + tj * (2 * N_PAD) + dBC_off, sums, mask=(tj < L) & (wq >= 0))
-                dxs = (dx,) + dxs
-                dds = (dds_j,) + dds
-                yss = (ys_j,) + yss
-            dx = tl.reduce(join_last(dxs, (W, BLOCK_D), LOG_T), 0, _add)                  # [BLOCK_D, T]
-            ddt = tl.reduce(join_last(dds, (W, BLOCK_D), LOG_T), 0, _add) * LN2 + dx * uu
-            y = tl.reduce(join_last(yss, (W, BLOCK_D), LOG_T), 0, _add) + Dv[:, None] * uu
+            red = group_sums(outs, W, BLOCK_D, LOG_W, LOG_T + 2)                          # [BLOCK_D, 4 T]
+            dx, dds, ys, _pad = split_last(tl.reshape(red, [BLOCK_D, T, 4]), (BLOCK_D, T), 4, 2)
+            ddt = dds * LN2 + dx * uu
             if SOFTPLUS:
                 ddt = ddt * tl.where(r >= 0.0, 1.0, w) / (1.0 + w)
             ddt = tl.where(m2, ddt, 0.0)
@@ -500,8 +586,11 @@ def scan_bwd_kernel(
                      mask=m2)
             tl.store(ddt_ptr + b * s_dtb + d[:, None] * s_dtd + t[None, :] * s_dtl, ddt, mask=m2)
             if HAS_Z:
-                tl.store(dz_ptr + b * s_dzb + d[:, None] * s_dzd + t[None, :] * s_dzl, gout * y * dsilu, mask=m2)
-    store_state(dA_ptr + seg_off * N_PAD, dA, d, Di, N_PAD, W, NW, LOG_NW, BLOCK_D)
+                tl.store(dz_ptr + b * s_dzb + d[:, None] * s_dzd + t[None, :] * s_dzl,
+                         gout * (ys + Dv[:, None] * uu) * dsilu, mask=m2)
+    for k in tl.static_range(NW):     # (N_PAD, Di)-major: offsets formed here, not kept from the start
+        tl.store(dA_ptr + seg_off * N_PAD + (tl.arange(0, W)[:, None] * NW + k) * Di + d[None, :], dA[k],
+                 mask=(d < Di)[None, :])
     if HAS_D:
         tl.store(dD_ptr + seg_off + d, dD_acc, mask=md)
     if HAS_BIAS:

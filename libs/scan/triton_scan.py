@@ -39,6 +39,7 @@ from timings: no GPU has run these kernels yet.
   FWD_STATES_PER_THREAD, BWD_STATES_PER_THREAD   states a thread holds; N_PAD / this many state groups (warps)
   WARPS_PER_SM    split L while the grid has fewer warps than WARPS_PER_SM x SMs ...
   MIN_CHUNKS_PER_SEGMENT  ... keeping at least this many chunks per segment
+  MAX_REGISTERS   registers per thread ptxas may use (NVIDIA; 0: its choice): 128 lets 16 warps share an SM
 """
 import importlib.util
 import os
@@ -50,7 +51,7 @@ import torch
 
 __all__ = ['is_available', 'unavailable_reason', 'selective_scan', 'scan', 'launch_config', 'interpreting',
            'CHUNK', 'BWD_CHUNK', 'FWD_STEPS', 'FWD_BLOCK_D', 'BWD_BLOCK_D', 'FWD_STATES_PER_THREAD',
-           'BWD_STATES_PER_THREAD', 'WARPS_PER_SM', 'MIN_CHUNKS_PER_SEGMENT', 'MAX_BLOCKS_PER_CHUNK']
+           'BWD_STATES_PER_THREAD', 'WARPS_PER_SM', 'MIN_CHUNKS_PER_SEGMENT', 'MAX_BLOCKS_PER_CHUNK', 'MAX_REGISTERS']
 
 CHUNK = 16
 BWD_CHUNK = 4
@@ -62,6 +63,7 @@ BWD_STATES_PER_THREAD = 4
 WARPS_PER_SM = 32
 MIN_CHUNKS_PER_SEGMENT = 4
 MAX_BLOCKS_PER_CHUNK = 16
+MAX_REGISTERS = 128
 MAX_D_STATE = 256
 
 _IO_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -237,8 +239,11 @@ def _or(t, default):
 
 def _layout(cfg):
     """The constexprs of a pass's state layout and its launch options."""
-    return dict(BLOCK_D=cfg['block_d'], W=cfg['state_groups'], NW=cfg['states_per_thread'],
+    opts = dict(BLOCK_D=cfg['block_d'], W=cfg['state_groups'], NW=cfg['states_per_thread'],
                 LOG_NW=_log2(cfg['states_per_thread']), num_warps=cfg['num_warps'])
+    if MAX_REGISTERS and torch.version.hip is None and not interpreting():
+        opts['maxnreg'] = MAX_REGISTERS        # ptxas's cap (NVIDIA only): 4 warps per scheduler fit in 64K
+    return opts
 
 
 def _steps(cfg):
@@ -248,14 +253,16 @@ def _steps(cfg):
 # ----------------------------------------------------------------------------------------------------------------
 # Forward / backward implementations (shared by the real ops and their fake impls: launch=False allocates only)
 
-def _pack_bc(B, C, pad):
-    """B, C (batch, N, L) any strides and dtype -> (batch, L, 2, pad) fp32 contiguous, padded states zero."""
+def _pack_bc(B, C, pad, tail):
+    """B, C (batch, N, L) any strides and dtype -> (batch, L + tail, 2, pad) fp32 contiguous, padded states and the
+    tail rows zero."""
     batch, N, L = B.shape
-    bc = B.new_empty((batch, L, 2, pad), dtype=torch.float32)
+    bc = B.new_empty((batch, L + tail, 2, pad), dtype=torch.float32)
     if pad > N:
-        bc[:, :, :, N:] = 0
-    bc[:, :, 0, :N] = B.transpose(1, 2)
-    bc[:, :, 1, :N] = C.transpose(1, 2)
+        bc[:, :L, :, N:] = 0
+    bc[:, L:] = 0
+    bc[:, :L, 0, :N] = B.transpose(1, 2)
+    bc[:, :L, 1, :N] = C.transpose(1, 2)
     return bc
 
 
@@ -271,7 +278,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, bwd_chu
     k = _kernels(interpreting())
     cfg = launch_config(batch, Di, L, N, u.device, chunk, bwd_chunk, segments or None, block_d or None)['fwd']
     n_seg, nd, pad = cfg['segments'], cfg['n_dblocks'], cfg['n_pad']
-    bc = _pack_bc(B, C, pad)
+    bc = _pack_bc(B, C, pad, bwd_chunk)
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
                  **_layout(cfg), **_steps(cfg))
     args = (u, delta, A, bc, _or(D, u), _or(z, u), _or(delta_bias, u))
@@ -282,12 +289,13 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, bwd_chu
         dtsum = u.new_empty((batch, n_seg, Di), dtype=torch.float32)
         carry = torch.empty_like(ends)
         wrap_triton(k.scan_fwd_kernel)[(nd, batch, n_seg)](
-            *args, dtsum, ends, u, u, L, Di, N, chunk, cfg['chunks_per_segment'], *strides, 0, 0, 0,
+            *args, dtsum, ends, u, u, L, bc.shape[1], Di, N, chunk, cfg['chunks_per_segment'], *strides, 0, 0, 0,
             HAS_CARRY=False, SAVE_STATES=False, ENDS_ONLY=True, **flags)
         wrap_triton(k.segment_carry_kernel)[(nd, batch)](
             ends, dtsum, A, ends, carry, n_seg, Di, N, 0, 0, 0, HAS_INIT=False, REVERSE=False, **_layout(cfg))
     wrap_triton(k.scan_fwd_kernel)[(nd, batch, n_seg)](
-        *args, out, last, states, _or(carry, u), L, Di, N, chunk, cfg['chunks_per_segment'], *strides, *out.stride(),
+        *args, out, last, states, _or(carry, u), L, bc.shape[1], Di, N, chunk, cfg['chunks_per_segment'], *strides,
+        *out.stride(),
         HAS_CARRY=carry is not None, SAVE_STATES=states.numel() > 0, ENDS_ONLY=False, **flags)
     return out, last, states
 
@@ -310,9 +318,9 @@ def _backward(gout, glast, u, delta, A, B, C, D, z, delta_bias, states, delta_so
     cfg = launch_config(batch, Di, L, N, u.device, chunk, bwd_chunk, segments or None, block_d or None)['bwd']
     n_seg, nd, pad = cfg['segments'], cfg['n_dblocks'], cfg['n_pad']
     f32 = dict(dtype=torch.float32)
-    bc = _pack_bc(B, C, pad)
+    bc = _pack_bc(B, C, pad, bwd_chunk)
     dBC_part = u.new_empty((batch, nd, L, 2, pad), **f32)
-    dA_part = u.new_empty((batch, n_seg, Di, pad), **f32)
+    dA_part = u.new_empty((batch, n_seg, pad, Di), **f32)
     dD_part = u.new_empty((batch, n_seg, Di), **f32)
     dbias_part = u.new_empty((batch, n_seg, Di), **f32)
     flags = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, **_layout(cfg),
@@ -326,25 +334,26 @@ def _backward(gout, glast, u, delta, A, B, C, D, z, delta_bias, states, delta_so
         dtsum = u.new_empty((batch, n_seg, Di), **f32)
         carry = torch.empty_like(nus)
         wrap_triton(k.scan_bwd_segment_kernel)[grid](
-            gout, delta, A, bc, _or(z, u), _or(delta_bias, u), nus, dtsum, L, Di, N, chunk,
+            gout, delta, A, bc, _or(z, u), _or(delta_bias, u), nus, dtsum, L, bc.shape[1], Di, N, chunk,
             cfg['chunks_per_segment'], *gout.stride(), *delta.stride(), *_strides(z), **flags)
         wrap_triton(k.segment_carry_kernel)[(nd, batch)](
             nus, dtsum, A, init, carry, n_seg, Di, N, *init_strides, HAS_INIT=init_mode == 1, REVERSE=True,
             **_layout(cfg))
         init, init_strides, init_mode = carry, (0, 0, 0), 2
     red = min(8, cfg['block_d'])
+    entries = u.new_empty((nd * batch * n_seg, chunk // bwd_chunk, pad, cfg['block_d']), **f32)
     wrap_triton(k.scan_bwd_kernel)[grid](
         gout, u, delta, A, bc, _or(D, u), _or(z, u), _or(delta_bias, u), states, init,
-        du, ddelta, dz if z is not None else u, dBC_part, dA_part, dD_part, dbias_part,
-        L, Di, N, cfg['chunks_per_segment'],
+        du, ddelta, dz if z is not None else u, dBC_part, dA_part, dD_part, dbias_part, entries,
+        L, bc.shape[1], Di, N, cfg['chunks_per_segment'],
         *gout.stride(), *u.stride(), *delta.stride(), *_strides(z), *init_strides, *du.stride(), *ddelta.stride(),
         *_strides(dz if z is not None else None), INIT=init_mode, HAS_D=D is not None, CHUNK=chunk, RED=red,
-        LOG_RED=_log2(red), **flags)
+        LOG_RED=_log2(red), LOG_W=_log2(cfg['state_groups']), **flags)
     dBC = dBC_part.sum(1)
     contiguous = dict(memory_format=torch.contiguous_format, copy=True)     # views of one sum: copies, never views
     dB = dBC[:, :, 0, :N].transpose(1, 2).to(B.dtype, **contiguous)
     dC = dBC[:, :, 1, :N].transpose(1, 2).to(C.dtype, **contiguous)
-    dA = dA_part.sum((0, 1))[:, :N].to(A.dtype, **contiguous)
+    dA = dA_part.sum((0, 1))[:N].t().to(A.dtype, **contiguous)
     dD = dD_part.sum((0, 1)).to(D.dtype) if D is not None else u.new_empty(0)
     dbias = dbias_part.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else u.new_empty(0)
     return du, ddelta, dA, dB, dC, dD, dz, dbias
