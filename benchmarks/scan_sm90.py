@@ -74,13 +74,13 @@ LOOP_WORK = {
 
 # ------------------------------------------------------------------------------------------------ compile
 
-def _standin_driver():
-    """A Triton driver for an sm_90 GPU that is not there: enough for `warmup` (compile, never launch)."""
+def _standin_driver(target):
+    """A Triton driver for a GPU that is not there (`target`, a GPUTarget): enough for `warmup` (compile, never
+    launch)."""
     import torch
-    from triton.backends.compiler import GPUTarget
     from triton.backends.driver import DriverBase
 
-    class Sm90StandIn(DriverBase):
+    class StandIn(DriverBase):
         @classmethod
         def is_active(cls):
             return True
@@ -89,20 +89,20 @@ def _standin_driver():
             return ty
 
         def get_current_target(self):
-            return GPUTarget('cuda', 90, 32)
+            return target
 
         def get_active_torch_device(self):
             return torch.device('meta')
 
         def get_benchmarker(self):
-            raise RuntimeError('the sm_90 stand-in driver compiles only')
+            raise RuntimeError('the stand-in driver compiles only')
 
         def get_current_device(self):
             return 0
 
         def get_current_stream(self, device=None):
             return 0
-    return Sm90StandIn()
+    return StandIn()
 
 
 def model_inputs(batch, d_inner, L, d_state, dtype):
@@ -164,15 +164,21 @@ def _torch_ops_mode(rec):
     return Mode()
 
 
-def compile_shape(batch, d_inner, L, d_state, dtype):
-    """Runs the launcher's forward and backward for one shape on meta tensors; returns the recorded launches."""
+def compile_shape(batch, d_inner, L, d_state, dtype, target=None, sm_count=H100['sms']):
+    """Runs the launcher's forward and backward for one shape on meta tensors, each kernel launch compiled for
+    `target` (default GPUTarget('cuda', 90, 32)); returns the recorded launches. A 'hip' target compiles what a
+    ROCm build of torch would launch."""
+    import torch
     import triton
+    from triton.backends.compiler import GPUTarget
     from libs.scan import triton_scan as ts
+    target = target or GPUTarget('cuda', 90, 32)
     rec = _Recorder()
-    saved = (ts.wrap_triton, ts._sm_count)
+    saved = (ts.wrap_triton, ts._sm_count, torch.version.hip)
     saved_driver = triton.runtime.driver._active      # None on a machine without a GPU: restored as it was
-    ts.wrap_triton, ts._sm_count = rec, (lambda device: H100['sms'])
-    triton.runtime.driver.set_active(_standin_driver())
+    ts.wrap_triton, ts._sm_count = rec, (lambda device: sm_count)
+    torch.version.hip = '6.0 (stand-in)' if target.backend == 'hip' else None
+    triton.runtime.driver.set_active(_standin_driver(target))
     try:
         x, gout, glast = model_inputs(batch, d_inner, L, d_state, dtype)
         chunk, bwd_chunk = ts._chunks(None, None)
@@ -182,7 +188,7 @@ def compile_shape(batch, d_inner, L, d_state, dtype):
             rec.phase = 'bwd'
             ts._backward(gout, glast, *x.values(), states, True, chunk, bwd_chunk, 0, 0, launch=True)
     finally:
-        ts.wrap_triton, ts._sm_count = saved
+        ts.wrap_triton, ts._sm_count, torch.version.hip = saved
         triton.runtime.driver._active = saved_driver
     return rec.launches
 

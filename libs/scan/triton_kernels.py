@@ -508,6 +508,9 @@ def scan_bwd_kernel(
     wq = tl.arange(0, W)[:, None]
     q = tl.arange(0, 2 * NW)[None, :]
     dBC_off = (q // NW) * N_PAD + wq * NW + q % NW                   # [W, 2 NW]: (B | C, state w * NW + k)
+    q2 = tl.arange(0, 4 * NW)[None, :]                              # two steps: the earlier one first
+    dBC_pair = q2 // (2 * NW)
+    dBC_off2 = (q2 // NW % 2) * N_PAD + wq * NW + q2 % NW
     n_chunks = (L + CHUNK - 1) // CHUNK
     c0 = seg * chunks_per_seg
     c1 = tl.minimum(c0 + chunks_per_seg, n_chunks)
@@ -571,9 +574,15 @@ def scan_bwd_kernel(
                 nu = nun
                 dA = dAn
                 outs = (dx, dds, ys, ys) + outs
-                sums = channel_sums(dBs + dCs, W, BLOCK_D, LOG_NW + 1, RED, LOG_RED)        # [W, 2 NW]
-                tj = t0 + T - 1 - j
-                tl.store(dBC_p + tj * (2 * N_PAD) + dBC_off, sums, mask=(tj < L) & (wq >= 0))
+                if T == 1:
+                    sums = channel_sums(dBs + dCs, W, BLOCK_D, LOG_NW + 1, RED, LOG_RED)    # [W, 2 NW]
+                    tl.store(dBC_p + t0 * (2 * N_PAD) + dBC_off, sums, mask=(t0 < L) & (wq >= 0))
+                elif j % 2 == 0:
+                    later = dBs + dCs
+                else:       # two steps' sums at once: half the fixed cost of a pass through shared memory
+                    sums = channel_sums(dBs + dCs + later, W, BLOCK_D, LOG_NW + 2, RED, LOG_RED)  # [W, 4 NW]
+                    tj = t0 + T - 1 - j + dBC_pair
+                    tl.store(dBC_p + tj * (2 * N_PAD) + dBC_off2, sums, mask=(tj < L) & (wq >= 0))
             red = group_sums(outs, W, BLOCK_D, LOG_W, LOG_T + 2)                          # [BLOCK_D, 4 T]
             dx, dds, ys, _pad = split_last(tl.reshape(red, [BLOCK_D, T, 4]), (BLOCK_D, T), 4, 2)
             ddt = dds * LN2 + dx * uu

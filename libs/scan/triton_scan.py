@@ -64,6 +64,8 @@ WARPS_PER_SM = 32
 MIN_CHUNKS_PER_SEGMENT = 4
 MAX_BLOCKS_PER_CHUNK = 16
 MAX_REGISTERS = 128
+MAX_STATE_GROUPS = 8      # large d_state: more states per thread rather than more warps ...
+MAX_WARPS = 16            # ... and fewer channels per program, so that a program has at most 16 warps
 MAX_D_STATE = 256
 
 _IO_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -174,9 +176,9 @@ def n_pad(d_state):
 def _pass_config(batch, d_inner, L, d_state, chunk, steps, block_d, states_per_thread, segments, sm_count):
     n_chunks = -(-L // chunk)
     pad = n_pad(d_state)
-    block_d = max(2, min(_pow2(block_d), _pow2(d_inner)))
-    per_thread = min(pad, _pow2(states_per_thread))
+    per_thread = max(min(pad, _pow2(states_per_thread)), pad // MAX_STATE_GROUPS)
     groups = pad // per_thread
+    block_d = max(2, min(_pow2(block_d), _pow2(d_inner), 32 * MAX_WARPS // groups))
     num_warps = max(1, groups * block_d // 32)
     n_dblocks = -(-d_inner // block_d)
     if segments is None:
