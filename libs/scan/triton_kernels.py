@@ -42,14 +42,6 @@ def _jit(fn):
 # ------------------------------------------------------------------------------------------------ tile helpers
 
 @triton.jit
-def _interleave(a, b):
-    out = ()
-    for k in tl.static_range(len(a)):
-        out = out + (a[k], b[k])
-    return out
-
-
-@triton.jit
 def split_last(x, SHAPE: tl.constexpr, WIDTH: tl.constexpr, LOG_WIDTH: tl.constexpr):
     """x [*SHAPE, WIDTH] -> tuple of WIDTH tensors [*SHAPE], element k of the last axis in entry k."""
     leaves = (x,)
@@ -66,7 +58,10 @@ def split_last(x, SHAPE: tl.constexpr, WIDTH: tl.constexpr, LOG_WIDTH: tl.conste
     for lvl in tl.static_range(LOG_WIDTH):
         nxt = ()
         for g in tl.static_range(len(groups) // 2):
-            nxt = nxt + (_interleave(groups[2 * g], groups[2 * g + 1]),)
+            merged = ()
+            for k in tl.static_range(len(groups[2 * g])):
+                merged = merged + (groups[2 * g][k], groups[2 * g + 1][k])
+            nxt = nxt + (merged,)
         groups = nxt
     return groups[0]
 
@@ -181,16 +176,15 @@ def bc_rows(row_ptr, W: tl.constexpr, NW: tl.constexpr, LOG_NW: tl.constexpr, AG
     """The B and C values of one step, per state group: (B_k, C_k) tuples of NW [W, 1] tensors. AGAIN: a second
     read of the row, with another L2 eviction hint so that the compiler does not merge it with the first (whose
     values would then stay in registers in between)."""
-    w = tl.arange(0, W)[:, None]
-    k = tl.arange(0, NW)[None, :]
+    off = tl.arange(0, W)[:, None] * NW + tl.arange(0, NW)[None, :]
     policy: tl.constexpr = "evict_last" if AGAIN else ""
-    bs = split_last(tl.load(row_ptr + w * NW + k, eviction_policy=policy), (W,), NW, LOG_NW)
-    cs = split_last(tl.load(row_ptr + (W * NW) + w * NW + k, eviction_policy=policy), (W,), NW, LOG_NW)
+    bs = split_last(tl.load(row_ptr + off, eviction_policy=policy), (W,), NW, LOG_NW)
+    cs = split_last(tl.load(row_ptr + (W * NW) + off, eviction_policy=policy), (W,), NW, LOG_NW)
     b_out = ()
     c_out = ()
-    for j in tl.static_range(NW):
-        b_out = b_out + (bs[j][:, None],)
-        c_out = c_out + (cs[j][:, None],)
+    for k in tl.static_range(NW):
+        b_out = b_out + (bs[k][:, None],)
+        c_out = c_out + (cs[k][:, None],)
     return b_out, c_out
 
 
