@@ -63,6 +63,20 @@ def test_spans_many_chunks_with_finer_backward_blocks():
     _assert_close(mine, ref, 1e-5)
 
 
+@pytest.mark.parametrize('N, chunk, bwd_chunk, block_d, groups', [
+    (16, 8, 4, None, (1, 4)),        # DiM's d_state: the backward's 16 states in 4 groups (warps) of 4
+    (20, 4, 1, 4, (2, 8)),           # padded to 32: two forward groups; one-step backward blocks; 4 channels a block
+])
+def test_states_split_over_state_groups(N, chunk, bwd_chunk, block_d, groups):
+    # The sums over a state group's states, then over the groups (regrouped through shared memory on a GPU), and
+    # the dB / dC sums over a block's channels, at the shapes that use them
+    cfg = ts.launch_config(1, 6, 19, N, 'cpu', chunk, bwd_chunk, None, block_d)
+    assert (cfg['fwd']['state_groups'], cfg['bwd']['state_groups']) == groups
+    x = scan_inputs(1, 6, N, 19, seed=13)
+    mine, ref = _run(x, KEYS, chunk=chunk, bwd_chunk=bwd_chunk, block_d=block_d)
+    _assert_close(mine, ref, 1e-5)
+
+
 @pytest.mark.parametrize('D, z, bias, softplus', [(False, False, False, False), (True, False, False, True),
                                                   (False, True, True, False), (False, False, True, True)])
 def test_optional_inputs(D, z, bias, softplus):
@@ -135,7 +149,7 @@ def test_strided_inputs_are_read_in_place_and_out_keeps_u_layout():
 
 
 def test_deterministic():
-    x = scan_inputs(1, 40, 4, 12, seed=8)
+    x = scan_inputs(1, 24, 4, 12, seed=8)
     a, _ = _run(x, KEYS, chunk=4, block_d=8, segments=2)
     b, _ = _run(x, KEYS, chunk=4, block_d=8, segments=2)
     assert torch.equal(a[0], b[0]) and all(torch.equal(a[2][k], b[2][k]) for k in KEYS)
