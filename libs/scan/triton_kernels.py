@@ -30,6 +30,9 @@ LN2 = tl.constexpr(0.6931471805599453)
 # calling them from kernels of the other mode fails; tl.reduce is a builtin, and the interpreter runs this
 # combiner as a numpy sum.
 _add = tl.standard._sum_combine
+# The tile helpers (libs/scan/triton_tiles.py), compiled or interpreted as these kernels: set by the loader,
+# libs/scan/triton_scan.py `_kernels`, which loads both files once per mode.
+tiles = None
 
 
 def _jit(fn):
@@ -39,232 +42,7 @@ def _jit(fn):
     return triton.jit(fn, do_not_specialize=names)
 
 
-# ------------------------------------------------------------------------------------------------ tile helpers
-
-@triton.jit
-def split_last(x, SHAPE: tl.constexpr, WIDTH: tl.constexpr, LOG_WIDTH: tl.constexpr):
-    """x [*SHAPE, WIDTH] -> tuple of WIDTH tensors [*SHAPE], element k of the last axis in entry k."""
-    leaves = (x,)
-    for lvl in tl.static_range(LOG_WIDTH):
-        nxt = ()
-        for k in tl.static_range(len(leaves)):
-            even, odd = tl.split(tl.reshape(leaves[k], SHAPE + (WIDTH >> (lvl + 1), 2)))
-            nxt = nxt + (even, odd)
-        leaves = nxt
-    # the leaves come in breadth-first order of even/odd splits: interleave back to the natural order
-    groups = ()
-    for k in tl.static_range(len(leaves)):
-        groups = groups + ((tl.reshape(leaves[k], SHAPE),),)
-    for lvl in tl.static_range(LOG_WIDTH):
-        nxt = ()
-        for g in tl.static_range(len(groups) // 2):
-            merged = ()
-            for k in tl.static_range(len(groups[2 * g])):
-                merged = merged + (groups[2 * g][k], groups[2 * g + 1][k])
-            nxt = nxt + (merged,)
-        groups = nxt
-    return groups[0]
-
-
-@triton.jit
-def join_last(xs, SHAPE: tl.constexpr, LOG_WIDTH: tl.constexpr):
-    """Inverse of split_last: a tuple of 2**LOG_WIDTH tensors [*SHAPE] -> [*SHAPE, 2**LOG_WIDTH]."""
-    parts = ()
-    for k in tl.static_range(len(xs)):
-        parts = parts + (tl.reshape(xs[k], SHAPE + (1,)),)
-    for lvl in tl.static_range(LOG_WIDTH):
-        nxt = ()
-        for k in tl.static_range(len(parts) // 2):
-            nxt = nxt + (tl.reshape(tl.join(parts[k], parts[k + len(parts) // 2]), SHAPE + (2 << lvl,)),)
-        parts = nxt
-    return parts[0]
-
-
-@triton.jit
-def block_entries(h, A2, bias, dt_ptr, u_ptr, s_td, s_tl, s_ud, s_ul, BC_p, d, t_start, L, Di, entries_p,
-                  SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, W: tl.constexpr, NW: tl.constexpr,
-                  LOG_NW: tl.constexpr, T: tl.constexpr, LOG_T: tl.constexpr, K: tl.constexpr):
-    """From h entering step t_start, the states entering the K T-step blocks from there, to the program's own
-    scratch `entries_p` (K, N_PAD, BLOCK_D): each thread writes and later reads back only its own values."""
-    for s in tl.static_range(K):
-        store_entry(entries_p + s * (W * NW * BLOCK_D), h, W, NW, BLOCK_D)
-        if s < K - 1:
-            t = t_start + s * T + tl.arange(0, T)
-            m2 = (d < Di)[:, None] & (t < L)[None, :]
-            r = load_tile(dt_ptr, s_td, s_tl, d, t, m2) + bias[:, None]
-            if SOFTPLUS:
-                dt, _w = softplus_dt(r, m2)
-            else:
-                dt = tl.where(m2, r, 0.0)
-            cols = step_columns((dt, dt * load_tile(u_ptr, s_ud, s_ul, d, t, m2)), BLOCK_D, T, LOG_T, 1)
-            h, _ys = fwd_steps(h, A2, cols, BC_p, t_start + s * T, L, W, NW, LOG_NW, T, False)
-
-
-@triton.jit
-def store_entry(p, h, W: tl.constexpr, NW: tl.constexpr, BLOCK_D: tl.constexpr):
-    off = tl.arange(0, W)[:, None] * (NW * BLOCK_D) + tl.arange(0, BLOCK_D)[None, :]
-    for k in tl.static_range(NW):
-        tl.store(p + off + k * BLOCK_D, h[k])
-
-
-@triton.jit
-def load_entry(p, W: tl.constexpr, NW: tl.constexpr, BLOCK_D: tl.constexpr):
-    off = tl.arange(0, W)[:, None] * (NW * BLOCK_D) + tl.arange(0, BLOCK_D)[None, :]
-    out = ()
-    for k in tl.static_range(NW):
-        out = out + (tl.load(p + off + k * BLOCK_D),)
-    return out
-
-
-@triton.jit
-def group_sums(xs, W: tl.constexpr, BLOCK_D: tl.constexpr, LOG_W: tl.constexpr, LOG_V: tl.constexpr):
-    """Sum over the W state groups of 2**LOG_V [W, BLOCK_D] tensors -> [BLOCK_D, 2**LOG_V], regrouped (one pass
-    through shared memory) so that each thread adds the W groups of a value in registers."""
-    x = tl.permute(join_last(xs, (W, BLOCK_D), LOG_V), (1, 2, 0))                      # [BLOCK_D, V, W]
-    parts = split_last(x, (BLOCK_D, 1 << LOG_V), W, LOG_W)
-    acc = parts[0]
-    for q in tl.static_range(1, W):
-        acc += parts[q]
-    return acc
-
-
-@triton.jit
-def step_columns(tiles, BLOCK_D: tl.constexpr, T: tl.constexpr, LOG_T: tl.constexpr, LOG_Q: tl.constexpr):
-    """2**LOG_Q [BLOCK_D, T] tiles -> their T * 2**LOG_Q columns [BLOCK_D] (column q of step i at i * 2**LOG_Q + q),
-    one regrouping for all."""
-    x = tl.reshape(join_last(tiles, (BLOCK_D, T), LOG_Q), [BLOCK_D, T << LOG_Q])
-    return split_last(x, (BLOCK_D,), T << LOG_Q, LOG_T + LOG_Q)
-
-
-@triton.jit
-def softplus_dt(r, valid):
-    """(dt, w) with dt = softplus(r) = max(r, 0) + log1p(w), w = exp(-|r|), where `valid`, else 0.
-    log1p(w) = 2 atanh(s), s = w / (2 + w) <= 1/3, by its series to s**13 (relative error < 1e-8): accurate
-    for tiny w where log(1 + w) would round; for r > 20 it equals r in fp32 (mamba's threshold)."""
-    w = tl.exp2(-tl.abs(r) * LOG2E)
-    s = w / (2.0 + w)
-    s2 = s * s
-    q = ((((((1.0 / 13.0) * s2 + 1.0 / 11.0) * s2 + 1.0 / 9.0) * s2 + 1.0 / 7.0) * s2 + 1.0 / 5.0) * s2
-         + 1.0 / 3.0) * s2 + 1.0
-    return tl.where(valid, tl.maximum(r, 0.0) + 2.0 * s * q, 0.0), w
-
-
-@triton.jit
-def scaled(xs, factor):
-    out = ()
-    for k in tl.static_range(len(xs)):
-        out = out + (xs[k] * factor,)
-    return out
-
-
-@triton.jit
-def zero_state(W: tl.constexpr, NW: tl.constexpr, BLOCK_D: tl.constexpr):
-    out = ()
-    for k in tl.static_range(NW):
-        out = out + (tl.full([W, BLOCK_D], 0.0, tl.float32),)
-    return out
-
-
-@triton.jit
-def load_tile(ptr, s_d, s_l, d, t, mask):
-    """[BLOCK_D, T] fp32 tile of a (channel, step) tensor at channels d, steps t."""
-    return tl.load(ptr + d[:, None] * s_d + t[None, :] * s_l, mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def bc_rows(row_ptr, W: tl.constexpr, NW: tl.constexpr, LOG_NW: tl.constexpr, AGAIN: tl.constexpr = False):
-    """The B and C values of one step, per state group: (B_k, C_k) tuples of NW [W, 1] tensors. AGAIN: a second
-    read of the row, with another L2 eviction hint so that the compiler does not merge it with the first (whose
-    values would then stay in registers in between)."""
-    off = tl.arange(0, W)[:, None] * NW + tl.arange(0, NW)[None, :]
-    policy: tl.constexpr = "evict_last" if AGAIN else ""
-    bs = split_last(tl.load(row_ptr + off, eviction_policy=policy), (W,), NW, LOG_NW)
-    cs = split_last(tl.load(row_ptr + (W * NW) + off, eviction_policy=policy), (W,), NW, LOG_NW)
-    b_out = ()
-    c_out = ()
-    for k in tl.static_range(NW):
-        b_out = b_out + (bs[k][:, None],)
-        c_out = c_out + (cs[k][:, None],)
-    return b_out, c_out
-
-
-@triton.jit
-def load_state(ptr, d, Di, N, W: tl.constexpr, NW: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A (Di, N)-major fp32 block at ptr (row stride N) -> tuple of NW [W, BLOCK_D] (zero past Di and N).
-    One load per state: a joined [W, BLOCK_D, NW] tile would be wider to store but would be converted to and
-    from the state layout."""
-    dd = d[None, :]
-    out = ()
-    for k in tl.static_range(NW):
-        n = tl.arange(0, W)[:, None] * NW + k
-        out = out + (tl.load(ptr + dd * N + n, mask=(dd < Di) & (n < N), other=0.0),)
-    return out
-
-
-@triton.jit
-def store_state(ptr, h, d, Di, N, W: tl.constexpr, NW: tl.constexpr, BLOCK_D: tl.constexpr, ok=True):
-    dd = d[None, :]
-    for k in tl.static_range(NW):
-        n = tl.arange(0, W)[:, None] * NW + k
-        tl.store(ptr + dd * N + n, h[k], mask=(dd < Di) & (n < N) & ok)
-
-
-@triton.jit
-def fwd_steps(h, A2, cols, BC_p, t0, L, W: tl.constexpr, NW: tl.constexpr, LOG_NW: tl.constexpr,
-              T: tl.constexpr, WITH_Y: tl.constexpr):
-    """T steps of h <- exp(dt A) h + dt u B from step t0 (cols: dt of step i at 2 i, dt u at 2 i + 1); with
-    WITH_Y the per-group partial sums y_t = sum_k C h (a tuple of T [W, BLOCK_D]). Unrolled: for the backward's
-    states; the forward walks its steps in a loop (`fwd_loop`)."""
-    ys = ()
-    for i in tl.static_range(T):
-        Bk, Ck = bc_rows(BC_p + (t0 + i) * (2 * W * NW), W, NW, LOG_NW)
-        dt = cols[2 * i][None, :]
-        dtu = cols[2 * i + 1][None, :]
-        hn = ()
-        for k in tl.static_range(NW):
-            hn = hn + (tl.exp2(dt * A2[k]) * h[k] + dtu * Bk[k],)
-        h = hn
-        if WITH_Y:
-            y = h[0] * Ck[0]
-            for k in tl.static_range(1, NW):
-                y += h[k] * Ck[k]
-            ys = ys + (y,)
-    return h, ys
-
-
-@triton.jit
-def fwd_loop(h, A2, cols, BC_p, t0, L, W: tl.constexpr, NW: tl.constexpr, LOG_NW: tl.constexpr,
-             BLOCK_D: tl.constexpr, T: tl.constexpr, LOG_T: tl.constexpr, WITH_Y: tl.constexpr):
-    """fwd_steps as a loop over the T steps (a step's columns picked by selects): the compiler cannot hoist later
-    steps' exponentials and loads above earlier steps, so the registers stay those of one step. With WITH_Y,
-    y: [BLOCK_D, T] (sum over the state groups)."""
-    y_cols = ()
-    for q in tl.static_range(T):
-        y_cols = y_cols + (tl.full([BLOCK_D], 0.0, tl.float32),)
-    for i in range(tl.minimum(T, L - t0)):         # a run-time trip count: not unrolled
-        dt = cols[0]
-        dtu = cols[1]
-        for q in tl.static_range(1, T):
-            dt = tl.where(i == q, cols[2 * q], dt)
-            dtu = tl.where(i == q, cols[2 * q + 1], dtu)
-        Bk, Ck = bc_rows(BC_p + (t0 + i) * (2 * W * NW), W, NW, LOG_NW)
-        hn = ()
-        for k in tl.static_range(NW):
-            hn = hn + (tl.exp2(dt[None, :] * A2[k]) * h[k] + dtu[None, :] * Bk[k],)
-        h = hn
-        if WITH_Y:
-            y = h[0] * Ck[0]
-            for k in tl.static_range(1, NW):
-                y += h[k] * Ck[k]
-            y = tl.reduce(y, 0, _add)
-            yn = ()
-            for q in tl.static_range(T):
-                yn = yn + (tl.where(i == q, y, y_cols[q]),)
-            y_cols = yn
-    return h, join_last(y_cols, (BLOCK_D,), LOG_T)
-
-
-# ------------------------------------------------------------------------------------------------ forward
+# ------------------------------------------------------------------------------------------------------- forward
 
 @_jit
 def scan_fwd_kernel(
@@ -286,7 +64,7 @@ def scan_fwd_kernel(
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     md = d < Di
     steps = tl.arange(0, T)
-    A2 = scaled(load_state(A_ptr, d, Di, N, W, NW, BLOCK_D), LOG2E)
+    A2 = tiles.scaled(tiles.load_state(A_ptr, d, Di, N, W, NW, BLOCK_D), LOG2E)
     bias = tl.full([BLOCK_D], 0.0, tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d, mask=md, other=0.0).to(tl.float32)
@@ -294,9 +72,9 @@ def scan_fwd_kernel(
         Dv = tl.load(D_ptr + d, mask=md, other=0.0).to(tl.float32)
     seg_off = (b * n_seg + seg) * Di
     if HAS_CARRY:
-        h = load_state(carry_ptr + seg_off * N_PAD, d, Di, N_PAD, W, NW, BLOCK_D)
+        h = tiles.load_state(carry_ptr + seg_off * N_PAD, d, Di, N_PAD, W, NW, BLOCK_D)
     else:
-        h = zero_state(W, NW, BLOCK_D)
+        h = tiles.zero_state(W, NW, BLOCK_D)
     BC_p = BC_ptr + b * L_bc * (2 * N_PAD)
     dtsum = tl.full([BLOCK_D], 0.0, tl.float32)
     n_chunks = (L + chunk_len - 1) // chunk_len
@@ -304,32 +82,32 @@ def scan_fwd_kernel(
     c1 = tl.minimum(c0 + chunks_per_seg, n_chunks)
     for c in range(c0, c1):
         if SAVE_STATES:
-            store_state(states_ptr + (b * n_chunks + c) * Di * N_PAD, h, d, Di, N_PAD, W, NW, BLOCK_D)
+            tiles.store_state(states_ptr + (b * n_chunks + c) * Di * N_PAD, h, d, Di, N_PAD, W, NW, BLOCK_D)
         for t0 in range(c * chunk_len, tl.minimum(c * chunk_len + chunk_len, L), T):
             t = t0 + steps
             m2 = md[:, None] & (t < L)[None, :]
-            r = load_tile(dt_ptr + b * s_tb, s_td, s_tl, d, t, m2) + bias[:, None]
+            r = tiles.load_tile(dt_ptr + b * s_tb, s_td, s_tl, d, t, m2) + bias[:, None]
             if SOFTPLUS:
-                dt, _w = softplus_dt(r, m2)
+                dt, _w = tiles.softplus_dt(r, m2)
             else:
                 dt = tl.where(m2, r, 0.0)
-            uu = load_tile(u_ptr + b * s_ub, s_ud, s_ul, d, t, m2)
-            cols = step_columns((dt, dt * uu), BLOCK_D, T, LOG_T, 1)
-            h, y = fwd_loop(h, A2, cols, BC_p, t0, L, W, NW, LOG_NW, BLOCK_D, T, LOG_T, not ENDS_ONLY)
+            uu = tiles.load_tile(u_ptr + b * s_ub, s_ud, s_ul, d, t, m2)
+            cols = tiles.step_columns((dt, dt * uu), BLOCK_D, T, LOG_T, 1)
+            h, y = tiles.fwd_loop(h, A2, cols, BC_p, t0, L, W, NW, LOG_NW, BLOCK_D, T, LOG_T, not ENDS_ONLY)
             if ENDS_ONLY:
                 dtsum += tl.reduce(dt, 1, _add)
             else:
                 if HAS_D:
                     y += Dv[:, None] * uu
                 if HAS_Z:
-                    zz = load_tile(z_ptr + b * s_zb, s_zd, s_zl, d, t, m2)
+                    zz = tiles.load_tile(z_ptr + b * s_zb, s_zd, s_zl, d, t, m2)
                     y = y * zz / (1.0 + tl.exp2(-zz * LOG2E))
                 tl.store(out_ptr + b * s_ob + d[:, None] * s_od + t[None, :] * s_ol, y, mask=m2)
     if ENDS_ONLY:
-        store_state(last_ptr + seg_off * N_PAD, h, d, Di, N_PAD, W, NW, BLOCK_D)
+        tiles.store_state(last_ptr + seg_off * N_PAD, h, d, Di, N_PAD, W, NW, BLOCK_D)
         tl.store(out_ptr + seg_off + d, dtsum, mask=md)
     else:
-        store_state(last_ptr + b * Di * N, h, d, Di, N, W, NW, BLOCK_D, seg == n_seg - 1)
+        tiles.store_state(last_ptr + b * Di * N, h, d, Di, N, W, NW, BLOCK_D, seg == n_seg - 1)
 
 
 @_jit
@@ -344,42 +122,30 @@ def segment_carry_kernel(ends_ptr, dtsum_ptr, A_ptr, init_ptr, carry_ptr, n_seg,
     b = tl.program_id(1).to(tl.int64)
     N_PAD: tl.constexpr = W * NW
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    A2 = scaled(load_state(A_ptr, d, Di, N, W, NW, BLOCK_D), LOG2E)
+    A2 = tiles.scaled(tiles.load_state(A_ptr, d, Di, N, W, NW, BLOCK_D), LOG2E)
     if HAS_INIT:
         n = tl.arange(0, W)[:, None, None] * NW + tl.arange(0, NW)[None, None, :]
         dd = d[None, :, None]
         v = tl.load(init_ptr + b * s_ib + dd * s_id + n * s_in, mask=(dd < Di) & (n < N), other=0.0)
-        v = split_last(v.to(tl.float32), (W, BLOCK_D), NW, LOG_NW)
+        v = tiles.split_last(v.to(tl.float32), (W, BLOCK_D), NW, LOG_NW)
     else:
-        v = zero_state(W, NW, BLOCK_D)
+        v = tiles.zero_state(W, NW, BLOCK_D)
     for i in range(n_seg):
         if REVERSE:
             s = n_seg - 1 - i
         else:
             s = i
         off = (b * n_seg + s) * Di
-        store_state(carry_ptr + off * N_PAD, v, d, Di, N_PAD, W, NW, BLOCK_D)
+        tiles.store_state(carry_ptr + off * N_PAD, v, d, Di, N_PAD, W, NW, BLOCK_D)
         dts = tl.load(dtsum_ptr + off + d, mask=d < Di, other=0.0)[None, :]
-        ends = load_state(ends_ptr + off * N_PAD, d, Di, N_PAD, W, NW, BLOCK_D)
+        ends = tiles.load_state(ends_ptr + off * N_PAD, d, Di, N_PAD, W, NW, BLOCK_D)
         vn = ()
         for k in tl.static_range(NW):
             vn = vn + (tl.exp2(dts * A2[k]) * v[k] + ends[k],)
         v = vn
 
 
-# ------------------------------------------------------------------------------------------------ backward
-
-@triton.jit
-def gate_tiles(g_ptr, z_ptr, s_gd, s_gl, s_zd, s_zl, d, t, m2, HAS_Z: tl.constexpr):
-    """(gout, g, dsilu(z)): the output gradient, the gradient reaching scan(u) + D u (gout * silu(z)), and
-    silu's derivative (1 without z)."""
-    gout = load_tile(g_ptr, s_gd, s_gl, d, t, m2)
-    if HAS_Z:
-        zz = load_tile(z_ptr, s_zd, s_zl, d, t, m2)
-        sz = 1.0 / (1.0 + tl.exp2(-zz * LOG2E))
-        return gout, gout * zz * sz, sz * (1.0 + zz * (1.0 - sz))
-    return gout, gout, gout * 0.0 + 1.0
-
+# ------------------------------------------------------------------------------------------------------ backward
 
 @_jit
 def scan_bwd_segment_kernel(
@@ -398,7 +164,7 @@ def scan_bwd_segment_kernel(
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     md = d < Di
     steps = tl.arange(0, T)
-    A2 = scaled(load_state(A_ptr, d, Di, N, W, NW, BLOCK_D), LOG2E)
+    A2 = tiles.scaled(tiles.load_state(A_ptr, d, Di, N, W, NW, BLOCK_D), LOG2E)
     bias = tl.full([BLOCK_D], 0.0, tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d, mask=md, other=0.0).to(tl.float32)
@@ -406,23 +172,23 @@ def scan_bwd_segment_kernel(
     t0 = seg * chunks_per_seg * chunk_len
     t1 = tl.minimum(t0 + chunks_per_seg * chunk_len, L)
     n_blocks = (t1 - t0 + T - 1) // T
-    nu = zero_state(W, NW, BLOCK_D)
+    nu = tiles.zero_state(W, NW, BLOCK_D)
     dtsum = tl.full([BLOCK_D], 0.0, tl.float32)
     for jb in range(n_blocks):
         tb = t0 + (n_blocks - 1 - jb) * T
         t = tb + steps
         m2 = md[:, None] & (t < t1)[None, :]
-        r = load_tile(dt_ptr + b * s_tb, s_td, s_tl, d, t, m2) + bias[:, None]
+        r = tiles.load_tile(dt_ptr + b * s_tb, s_td, s_tl, d, t, m2) + bias[:, None]
         if SOFTPLUS:
-            dt, _w = softplus_dt(r, m2)
+            dt, _w = tiles.softplus_dt(r, m2)
         else:
             dt = tl.where(m2, r, 0.0)
-        _gout, g, _ds = gate_tiles(g_ptr + b * s_gb, z_ptr + b * s_zb, s_gd, s_gl, s_zd, s_zl, d, t, m2, HAS_Z)
+        _gout, g, _ds = tiles.gate_tiles(g_ptr + b * s_gb, z_ptr + b * s_zb, s_gd, s_gl, s_zd, s_zl, d, t, m2, HAS_Z)
         dtsum += tl.reduce(dt, 1, _add)
-        dtc = split_last(dt, (BLOCK_D,), T, LOG_T)
-        gc = split_last(g, (BLOCK_D,), T, LOG_T)
+        dtc = tiles.split_last(dt, (BLOCK_D,), T, LOG_T)
+        gc = tiles.split_last(g, (BLOCK_D,), T, LOG_T)
         for j in tl.static_range(T):
-            Bk, Ck = bc_rows(BC_p + (tb + T - 1 - j) * (2 * N_PAD), W, NW, LOG_NW)
+            Bk, Ck = tiles.bc_rows(BC_p + (tb + T - 1 - j) * (2 * N_PAD), W, NW, LOG_NW)
             dtj = dtc[T - 1 - j][None, :]
             gj = gc[T - 1 - j][None, :]
             nun = ()
@@ -430,24 +196,28 @@ def scan_bwd_segment_kernel(
                 nun = nun + (tl.exp2(dtj * A2[k]) * (nu[k] + gj * Ck[k]),)
             nu = nun
     seg_off = (b * n_seg + seg) * Di
-    store_state(nus_ptr + seg_off * N_PAD, nu, d, Di, N_PAD, W, NW, BLOCK_D)
+    tiles.store_state(nus_ptr + seg_off * N_PAD, nu, d, Di, N_PAD, W, NW, BLOCK_D)
     tl.store(dtsum_ptr + seg_off + d, dtsum, mask=md)
 
 
 @triton.jit
-def channel_sums(prods, W: tl.constexpr, BLOCK_D: tl.constexpr, LOG_V: tl.constexpr, RED: tl.constexpr,
-                 LOG_RED: tl.constexpr):
-    """Sum over the BLOCK_D channels of 2**LOG_V [W, BLOCK_D] tensors -> [W, 2**LOG_V]. Regrouped (one pass through
-    shared memory) so that each thread adds RED channels of a value in registers, the high channel bits (those on
-    warps among them), then the rest with lane shuffles."""
-    V: tl.constexpr = 1 << LOG_V
-    x = join_last(prods, (W, BLOCK_D), LOG_V)                                          # [W, BLOCK_D, V]
-    x = tl.permute(tl.reshape(x, [W, RED, BLOCK_D // RED, V]), (0, 3, 2, 1))           # [W, V, low d, high d]
-    parts = split_last(x, (W, V, BLOCK_D // RED), RED, LOG_RED)
-    acc = parts[0]
-    for q in tl.static_range(1, RED):
-        acc += parts[q]
-    return tl.reduce(acc, 2, _add)
+def block_entries(h, A2, bias, dt_ptr, u_ptr, s_td, s_tl, s_ud, s_ul, BC_p, d, t_start, L, Di, entries_p,
+                  SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, W: tl.constexpr, NW: tl.constexpr,
+                  LOG_NW: tl.constexpr, T: tl.constexpr, LOG_T: tl.constexpr, K: tl.constexpr):
+    """From h entering step t_start, the states entering the K T-step blocks from there, to the program's own
+    scratch `entries_p` (K, N_PAD, BLOCK_D): each thread writes and later reads back only its own values."""
+    for s in tl.static_range(K):
+        tiles.store_entry(entries_p + s * (W * NW * BLOCK_D), h, W, NW, BLOCK_D)
+        if s < K - 1:
+            t = t_start + s * T + tl.arange(0, T)
+            m2 = (d < Di)[:, None] & (t < L)[None, :]
+            r = tiles.load_tile(dt_ptr, s_td, s_tl, d, t, m2) + bias[:, None]
+            if SOFTPLUS:
+                dt, _w = tiles.softplus_dt(r, m2)
+            else:
+                dt = tl.where(m2, r, 0.0)
+            cols = tiles.step_columns((dt, dt * tiles.load_tile(u_ptr, s_ud, s_ul, d, t, m2)), BLOCK_D, T, LOG_T, 1)
+            h, _ys = tiles.fwd_steps(h, A2, cols, BC_p, t_start + s * T, L, W, NW, LOG_NW, T, False)
 
 
 @_jit
@@ -476,7 +246,7 @@ def scan_bwd_kernel(
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     md = d < Di
     steps = tl.arange(0, T)
-    A2 = scaled(load_state(A_ptr, d, Di, N, W, NW, BLOCK_D), LOG2E)
+    A2 = tiles.scaled(tiles.load_state(A_ptr, d, Di, N, W, NW, BLOCK_D), LOG2E)
     bias = tl.full([BLOCK_D], 0.0, tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d, mask=md, other=0.0).to(tl.float32)
@@ -488,12 +258,12 @@ def scan_bwd_kernel(
         n = tl.arange(0, W)[:, None, None] * NW + tl.arange(0, NW)[None, None, :]
         dd = d[None, :, None]
         nu = tl.load(init_ptr + b * s_ib + dd * s_id + n * s_in, mask=(dd < Di) & (n < N), other=0.0)
-        nu = split_last(nu.to(tl.float32), (W, BLOCK_D), NW, LOG_NW)
+        nu = tiles.split_last(nu.to(tl.float32), (W, BLOCK_D), NW, LOG_NW)
     elif INIT == 2:
-        nu = load_state(init_ptr + seg_off * N_PAD, d, Di, N_PAD, W, NW, BLOCK_D)
+        nu = tiles.load_state(init_ptr + seg_off * N_PAD, d, Di, N_PAD, W, NW, BLOCK_D)
     else:
-        nu = zero_state(W, NW, BLOCK_D)
-    dA = zero_state(W, NW, BLOCK_D)
+        nu = tiles.zero_state(W, NW, BLOCK_D)
+    dA = tiles.zero_state(W, NW, BLOCK_D)
     dD_acc = tl.full([BLOCK_D], 0.0, tl.float32)
     dbias_acc = tl.full([BLOCK_D], 0.0, tl.float32)
     BC_p = BC_ptr + b * L_bc * (2 * N_PAD)
@@ -510,7 +280,7 @@ def scan_bwd_kernel(
     c1 = tl.minimum(c0 + chunks_per_seg, n_chunks)
     for cc in range(c1 - c0):
         c = c1 - 1 - cc
-        h = load_state(states_ptr + (b * n_chunks + c) * Di * N_PAD, d, Di, N_PAD, W, NW, BLOCK_D)
+        h = tiles.load_state(states_ptr + (b * n_chunks + c) * Di * N_PAD, d, Di, N_PAD, W, NW, BLOCK_D)
         block_entries(h, A2, bias, dt_ptr + b * s_tb, u_ptr + b * s_ub, s_td, s_tl, s_ud, s_ul, BC_p, d, c * CHUNK, L,
                       Di, entries_p, SOFTPLUS, BLOCK_D, W, NW, LOG_NW, T, LOG_T, K)
         n_blocks = tl.minimum(K, (L - c * CHUNK + T - 1) // T)
@@ -519,20 +289,20 @@ def scan_bwd_kernel(
             t0 = c * CHUNK + blk * T
             t = t0 + steps
             m2 = md[:, None] & (t < L)[None, :]
-            r = load_tile(dt_ptr + b * s_tb, s_td, s_tl, d, t, m2) + bias[:, None]
+            r = tiles.load_tile(dt_ptr + b * s_tb, s_td, s_tl, d, t, m2) + bias[:, None]
             if SOFTPLUS:
-                dt, w = softplus_dt(r, m2)
+                dt, w = tiles.softplus_dt(r, m2)
             else:
                 dt = tl.where(m2, r, 0.0)
-            uu = load_tile(u_ptr + b * s_ub, s_ud, s_ul, d, t, m2)
-            gout, g, dsilu = gate_tiles(g_ptr + b * s_gb, z_ptr + b * s_zb, s_gd, s_gl, s_zd, s_zl, d, t, m2,
+            uu = tiles.load_tile(u_ptr + b * s_ub, s_ud, s_ul, d, t, m2)
+            gout, g, dsilu = tiles.gate_tiles(g_ptr + b * s_gb, z_ptr + b * s_zb, s_gd, s_gl, s_zd, s_zl, d, t, m2,
                                         HAS_Z)
-            cols = step_columns((dt, dt * uu), BLOCK_D, T, LOG_T, 1)             # dt, dt u per step
-            gc = split_last(g, (BLOCK_D,), T, LOG_T)
-            h = load_entry(entries_p + blk * (N_PAD * BLOCK_D), W, NW, BLOCK_D)
+            cols = tiles.step_columns((dt, dt * uu), BLOCK_D, T, LOG_T, 1)             # dt, dt u per step
+            gc = tiles.split_last(g, (BLOCK_D,), T, LOG_T)
+            h = tiles.load_entry(entries_p + blk * (N_PAD * BLOCK_D), W, NW, BLOCK_D)
             hs = ()
             for i in tl.static_range(T):
-                Bk, Ck = bc_rows(BC_p + (t0 + i) * (2 * N_PAD), W, NW, LOG_NW)
+                Bk, Ck = tiles.bc_rows(BC_p + (t0 + i) * (2 * N_PAD), W, NW, LOG_NW)
                 hn = ()
                 for k in tl.static_range(NW):
                     hn = hn + (tl.exp2(cols[2 * i][None, :] * A2[k]) * h[k] + cols[2 * i + 1][None, :] * Bk[k],)
@@ -541,7 +311,7 @@ def scan_bwd_kernel(
             outs = ()       # per step: sum_k lambda B, sum_k A lambda exp(dt A) h_{t-1}, sum_k C h (twice)
             prods = ()      # per step: lambda dt u (dB), g h (dC) per state
             for j in tl.static_range(T):
-                Bk, Ck = bc_rows(BC_p + (t0 + T - 1 - j) * (2 * N_PAD), W, NW, LOG_NW, True)
+                Bk, Ck = tiles.bc_rows(BC_p + (t0 + T - 1 - j) * (2 * N_PAD), W, NW, LOG_NW, True)
                 dtj = cols[2 * (T - 1 - j)][None, :]
                 dtuj = cols[2 * (T - 1 - j) + 1][None, :]
                 gj = gc[T - 1 - j][None, :]
@@ -569,16 +339,16 @@ def scan_bwd_kernel(
                 dA = dAn
                 outs = (dx, dds, ys, ys) + outs
                 if T == 1:
-                    sums = channel_sums(dBs + dCs, W, BLOCK_D, LOG_NW + 1, RED, LOG_RED)    # [W, 2 NW]
+                    sums = tiles.channel_sums(dBs + dCs, W, BLOCK_D, LOG_NW + 1, RED, LOG_RED)    # [W, 2 NW]
                     tl.store(dBC_p + t0 * (2 * N_PAD) + dBC_off, sums, mask=(t0 < L) & (wq >= 0))
                 elif j % 2 == 0:
                     later = dBs + dCs
                 else:       # two steps' sums at once: half the fixed cost of a pass through shared memory
-                    sums = channel_sums(dBs + dCs + later, W, BLOCK_D, LOG_NW + 2, RED, LOG_RED)  # [W, 4 NW]
+                    sums = tiles.channel_sums(dBs + dCs + later, W, BLOCK_D, LOG_NW + 2, RED, LOG_RED)  # [W, 4 NW]
                     tj = t0 + T - 1 - j + dBC_pair
                     tl.store(dBC_p + tj * (2 * N_PAD) + dBC_off2, sums, mask=(tj < L) & (wq >= 0))
-            red = group_sums(outs, W, BLOCK_D, LOG_W, LOG_T + 2)                          # [BLOCK_D, 4 T]
-            dx, dds, ys, _pad = split_last(tl.reshape(red, [BLOCK_D, T, 4]), (BLOCK_D, T), 4, 2)
+            red = tiles.group_sums(outs, W, BLOCK_D, LOG_W, LOG_T + 2)                          # [BLOCK_D, 4 T]
+            dx, dds, ys, _pad = tiles.split_last(tl.reshape(red, [BLOCK_D, T, 4]), (BLOCK_D, T), 4, 2)
             ddt = dds * LN2 + dx * uu
             if SOFTPLUS:
                 ddt = ddt * tl.where(r >= 0.0, 1.0, w) / (1.0 + w)

@@ -104,7 +104,33 @@ _kernel_modules = {}
 _kernel_lock = threading.Lock()
 
 
+def _load_module(stem, interpret):
+    """libs/scan/<stem>.py as its own module, its @triton.jit functions compiled or interpreted per `interpret`."""
+    name = f"{__package__}._{stem}_{'interpreted' if interpret else 'compiled'}"
+    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                     f'{stem}.py'))
+    mod = importlib.util.module_from_spec(spec)
+    knobs = getattr(triton, 'knobs', None)
+    if knobs is not None:   # triton >= 3.4; scope() restores the knob and the environment variable
+        with knobs.runtime.scope():
+            knobs.runtime.interpret = interpret
+            spec.loader.exec_module(mod)
+    else:                   # older triton reads TRITON_INTERPRET in @triton.jit
+        saved = os.environ.get('TRITON_INTERPRET')
+        os.environ['TRITON_INTERPRET'] = '1' if interpret else '0'
+        try:
+            spec.loader.exec_module(mod)
+        finally:
+            if saved is None:
+                del os.environ['TRITON_INTERPRET']
+            else:
+                os.environ['TRITON_INTERPRET'] = saved
+    sys.modules[name] = mod
+    return mod
+
+
 def _kernels(interpret):
+    """The kernels module (triton_kernels.py) of one mode, with its tile helpers (triton_tiles.py) of that mode."""
     mod = _kernel_modules.get(interpret)
     if mod is not None:
         return mod
@@ -114,26 +140,8 @@ def _kernels(interpret):
             if not interpret and not isinstance(triton.language.standard._sum_combine, JITFunction):
                 raise RuntimeError("triton was imported with TRITON_INTERPRET=1, so its own library is "
                                    "interpreted and compiled kernels cannot use it: unset it before starting")
-            name = f"{__package__}._triton_kernels_{'interpreted' if interpret else 'compiled'}"
-            path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'triton_kernels.py')
-            spec = importlib.util.spec_from_file_location(name, path)
-            mod = importlib.util.module_from_spec(spec)
-            knobs = getattr(triton, 'knobs', None)
-            if knobs is not None:   # triton >= 3.4; scope() restores the knob and the environment variable
-                with knobs.runtime.scope():
-                    knobs.runtime.interpret = interpret
-                    spec.loader.exec_module(mod)
-            else:                   # older triton reads TRITON_INTERPRET in @triton.jit
-                saved = os.environ.get('TRITON_INTERPRET')
-                os.environ['TRITON_INTERPRET'] = '1' if interpret else '0'
-                try:
-                    spec.loader.exec_module(mod)
-                finally:
-                    if saved is None:
-                        del os.environ['TRITON_INTERPRET']
-                    else:
-                        os.environ['TRITON_INTERPRET'] = saved
-            sys.modules[name] = mod
+            mod = _load_module('triton_kernels', interpret)
+            mod.tiles = _load_module('triton_tiles', interpret)
             _kernel_modules[interpret] = mod
     return _kernel_modules[interpret]
 
