@@ -51,23 +51,24 @@ MUFU = ('MUFU',)
 
 
 
+def _chunk(a):
+    """Steps per saved state: an argument of the forward kernel, a constexpr of the backward one."""
+    return a['chunk_len'] if 'chunk_len' in a else a['CHUNK']
+
+
 def _blocks(a):
     """T-step blocks a row of programs (one sample, one channel block) walks over L, chunk by chunk."""
-    full, rest = divmod(a['L'], a['chunk_len'] if 'chunk_len' in a else a['CHUNK'])
-    return full * math.ceil((a['chunk_len'] if 'chunk_len' in a else a['CHUNK']) / a['T']) + math.ceil(rest / a['T'])
-
-
-def _chunks(a):
-    return math.ceil(a['L'] / (a['chunk_len'] if 'chunk_len' in a else a['CHUNK']))
+    full, rest = divmod(a['L'], _chunk(a))
+    return full * math.ceil(_chunk(a) / a['T']) + math.ceil(rest / a['T'])
 
 
 # The loop nest of each kernel: iterations of each loop level (outermost first) summed over a row of programs (one
 # sample, one channel block, all segments), and the (channel, step) pairs the row covers, from the launch's
 # arguments `a` (by name, constexprs included). The carry pass's 'steps' are segments.
 LOOP_WORK = {
-    'scan_fwd_kernel': lambda a: ([_chunks(a), _blocks(a), a['L']], a['BLOCK_D'] * a['L']),
+    'scan_fwd_kernel': lambda a: ([math.ceil(a['L'] / _chunk(a)), _blocks(a), a['L']], a['BLOCK_D'] * a['L']),
     'scan_bwd_segment_kernel': lambda a: ([math.ceil(a['L'] / a['T'])], a['BLOCK_D'] * a['L']),
-    'scan_bwd_kernel': lambda a: ([_chunks(a), _blocks(a)], a['BLOCK_D'] * a['L']),
+    'scan_bwd_kernel': lambda a: ([math.ceil(a['L'] / _chunk(a)), _blocks(a)], a['BLOCK_D'] * a['L']),
     'segment_carry_kernel': lambda a: ([a['n_seg']], a['BLOCK_D'] * a['n_seg']),
 }
 
@@ -287,11 +288,11 @@ def kernel_row(launch):
     resident_warps = min(blocks, -(-programs // H100['sms'])) * warps
     issue_s = warp_instrs / (H100['sms'] * H100['clock_hz'] * min(H100['issue_per_clock'], resident_warps))
     mufu_s = loop_mufu * warps * 32 / (H100['sms'] * H100['clock_hz'] * H100['mufu_results_per_clock'])
-    seen, moved = set(), 0
-    for v in args.values():
-        if isinstance(v, torch.Tensor) and id(v) not in seen:
-            seen.add(id(v))
-            moved += v.numel() * v.element_size()
+    buffers = {}
+    for name, v in args.items():
+        if isinstance(v, torch.Tensor) and not any(v is args[n] for n in buffers):
+            buffers[name] = v.numel() * v.element_size()
+    moved = sum(buffers.values())
     bytes_s = moved / H100['hbm_bytes_per_s']
     body = nest[-1]
     return dict(
@@ -302,7 +303,7 @@ def kernel_row(launch):
         loop_global=count(body, 'LDG', 'STG'), loop_shared=count(body, 'LDS', 'STS'),
         sass_per_channel_step=loop_instrs * warps / (chan_steps * rows),
         mufu_per_channel_step=loop_mufu * warps / (chan_steps * rows),
-        warp_instructions=warp_instrs, bytes=moved, issue_ms=1e3 * issue_s, mufu_ms=1e3 * mufu_s,
+        warp_instructions=warp_instrs, bytes=moved, buffer_bytes=buffers, issue_ms=1e3 * issue_s, mufu_ms=1e3 * mufu_s,
         bytes_ms=1e3 * bytes_s, estimate_ms=1e3 * max(issue_s, mufu_s, bytes_s),
         constexprs={k: v for k, v in args.items() if k.isupper()})
 
@@ -331,7 +332,16 @@ def measure(shape, dtype, d_state=D_STATE):
                    fwd_x_bound_issue_only=issue_only(('fwd',)) / ms(bound_fwd),
                    fwdbwd_x_bound_issue_only=issue_only(('fwd', 'bwd')) / ms(bound_fwdbwd),
                    spills=sum(r.get('spill_store_bytes', 0) + r.get('spill_load_bytes', 0) for r in rows),
-                   min_occupancy=min(r['occupancy'] for r in rows if 'occupancy' in r))
+                   min_occupancy=min(r['occupancy'] for r in rows if 'occupancy' in r),
+                   max_registers=max(r['registers'] for r in rows if 'registers' in r))
+    # dB / dC partials (written by the backward kernel, read by the sum) and the saved states (written by the
+    # forward, read by the backward), against the bytes bound of forward + backward
+    bwd_main = next(r for r in rows if r['kernel'] == 'scan_bwd_kernel')
+    fwd_main = [r for r in rows if r['kernel'] == 'scan_fwd_kernel'][-1]
+    summary.update(partial_bytes=2 * bwd_main['buffer_bytes']['dBC_ptr'],
+                   state_bytes=2 * fwd_main['buffer_bytes']['states_ptr'], bound_fwdbwd_bytes=bound_fwdbwd)
+    summary.update(partial_x_useful=summary['partial_bytes'] / bound_fwdbwd,
+                   state_x_useful=summary['state_bytes'] / bound_fwdbwd)
     return dict(summary=summary, kernels=rows)
 
 
@@ -358,13 +368,15 @@ def table(results):
                 f"{_f(r['sass_per_channel_step'], 1)} | {r['bytes'] / 1e6:.1f} | "
                 f"{r['issue_ms']:.3f} / {r['mufu_ms']:.3f} / {r['bytes_ms']:.3f} |")
     lines += ['', '| shape | dtype | bound fwd ms | est fwd ms (x bound; issue only) | bound f+b ms | '
-              'est f+b ms (x bound; issue only) | spills B | min occ % |', '|---|---|---|---|---|---|---|---|']
+              'est f+b ms (x bound; issue only) | spills B | max regs | min occ % | dB/dC partials, states '
+              '(x f+b bytes) |', '|---|---|---|---|---|---|---|---|---|---|']
     for res in results:
         s = res['summary']
         lines.append(f"| {'x'.join(map(str, s['shape']))} | {s['dtype']} | {s['bound_fwd_ms']:.3f} | "
                      f"{s['fwd_ms']:.3f} ({s['fwd_x_bound']:.1f}x; {s['fwd_x_bound_issue_only']:.1f}x) | "
                      f"{s['bound_fwdbwd_ms']:.3f} | {s['fwdbwd_ms']:.3f} ({s['fwdbwd_x_bound']:.1f}x; "
-                     f"{s['fwdbwd_x_bound_issue_only']:.1f}x) | {s['spills']} | {100 * s['min_occupancy']:.1f} |")
+                     f"{s['fwdbwd_x_bound_issue_only']:.1f}x) | {s['spills']} | {s['max_registers']} | "
+                     f"{100 * s['min_occupancy']:.1f} | {s['partial_x_useful']:.2f}, {s['state_x_useful']:.2f} |")
     return '\n'.join(lines)
 
 

@@ -1,24 +1,28 @@
-"""Triton kernels of the selective scan (launched by libs/scan/triton_scan.py, which documents the algorithm).
+"""Triton kernels of the selective scan (launched by libs/scan/triton_scan.py; design: docs/triton-scan.md).
 
-Layout. A program owns BLOCK_D channels of one sample and one segment of L. Every per-(channel, state) value is a
-[W, BLOCK_D] tensor: the state index is n = w * NW + k for the k-th entry of a tuple of NW such tensors, w the row.
-Triton lays these out with one element per thread: channels on the lanes (and on warps when BLOCK_D > 32), the W
-state groups on further warps. So a thread holds NW states of one channel in registers: the recurrence over L
-runs inside the thread, and the sum over the NW states is plain adds (plus one cross-warp sum over W when W > 1).
-Per-channel per-step values (dt, u, z, the output gradient) are loaded as [BLOCK_D, T] tiles along L, computed on
-once per element (softplus, SiLU, their derivatives), and split into T columns of [BLOCK_D] (`split_last`), the
-layout a [W, BLOCK_D] tensor broadcasts from. B and C come as one fp32 row of 2 * N_PAD values per step from a
-packed (batch, L, 2, N_PAD) copy, split into per-state scalars (per state group). Outputs per step are joined
-back into [BLOCK_D, T] tiles (`join_last`) and stored along L.
+Layout. A program owns BLOCK_D channels of one sample and one segment of L. A per-(channel, state) value is a
+tuple of NW [W, BLOCK_D] tensors, state n = w * NW + k in row w of entry k; Triton lays a [W, BLOCK_D] tensor out
+one element per thread (channels on the lanes, and on warps past 32; the W state groups on further warps). So a
+thread holds NW states of one channel in registers and runs the recurrence over L itself; sums over states are
+adds in the thread, then (W > 1) one regrouping through shared memory (`tiles.group_sums`). Per-channel values
+(dt, u, z, the output gradient) are loaded as [BLOCK_D, T] tiles along L, computed on once per (channel, step)
+(softplus, SiLU, their derivatives) and split into per-step [BLOCK_D] columns; outputs go back the same way. B
+and C come from one packed fp32 copy, a row of 2 N_PAD values per step, split into per-group scalars.
+Forward: walks its chunks' T-step blocks, one step per loop iteration (`tiles.fwd_loop`), saving the state
+entering each CHUNK-step chunk. Backward: per chunk, last first, the states entering its K = CHUNK / T blocks
+(recomputed from the saved one, into the program's scratch), then per block, last first: its T states again,
+unrolled, and the adjoint walked back over them; dB and dC summed over the program's channels two steps at a
+time (`tiles.channel_sums`).
 Buffers (fp32, contiguous, written and read only here):
     BC          (batch, L_bc, 2, N_PAD)        B and C, padded states and the L_bc - L >= T - 1 rows after L zero
                                                (a block's rows are read without clamping to L)
     states      (batch, n_chunks, Di, N_PAD)   state entering each CHUNK-step chunk
     ends, carry (batch, n_seg, Di, N_PAD)      per-segment local results / carried-in values
     dtsum       (batch, n_seg, Di)             sum of the effective dt over each segment
+    entries     (programs, K, N_PAD, BLOCK_D)  backward: one program's block entry states, rewritten per chunk
     dBC part    (batch, n_dblocks, L, 2, N_PAD) per-channel-block sums of dB and dC (summed by the caller)
     dA part     (batch, n_seg, N_PAD, Di); dD / dbias parts (batch, n_seg, Di)
-Portable Triton only (no inline asm, no explicit libdevice calls); runs under TRITON_INTERPRET=1.
+Portable Triton only (no inline asm, no libdevice: exp2 and divisions); runs under TRITON_INTERPRET=1.
 """
 import triton
 import triton.language as tl
