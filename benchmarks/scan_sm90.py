@@ -75,11 +75,15 @@ LOOP_WORK = {
 
 # ------------------------------------------------------------------------------------------------ compile
 
+_DEVICE_IDS = {}        # one stand-in device id per target: Triton keeps its compiled kernels per device
+
+
 def _standin_driver(target):
     """A Triton driver for a GPU that is not there (`target`, a GPUTarget): enough for `warmup` (compile, never
     launch)."""
     import torch
     from triton.backends.driver import DriverBase
+    device = _DEVICE_IDS.setdefault((target.backend, target.arch, target.warp_size), len(_DEVICE_IDS))
 
     class StandIn(DriverBase):
         @classmethod
@@ -99,7 +103,7 @@ def _standin_driver(target):
             raise RuntimeError('the stand-in driver compiles only')
 
         def get_current_device(self):
-            return 0
+            return device
 
         def get_current_stream(self, device=None):
             return 0
