@@ -10,8 +10,8 @@ scan_speed   fwd (no grad) and fwd+bwd (gradients of all eight inputs) at the Di
              Triton's launch config per shape. Two rows per shape: layout 'model', the strides the mixer passes
              (libs/mamba_mixer.py: u, delta contiguous; z a channel-last view of in_proj's output; B, C column
              slices of x_proj's output; the output gradient channel-last, as out_proj's backward gives it), what
-             training runs; then layout 'contiguous'. Bytes bound: each input read once, each output written once, at the
-             card's measured copy bandwidth: fwd reads u, delta, z (Di-wide) and B, C (N-wide), writes out:
+             training runs; then layout 'contiguous'. Bytes bound: each input read once, each output written
+             once, at the card's measured copy bandwidth: fwd reads u, delta, z (Di-wide) and B, C (N-wide), writes out:
              e B L (4 Di + 2 N); fwd+bwd adds the backward's reads of gout, u, delta, z, B, C and writes of du,
              ddelta, dz, dB, dC: e B L (11 Di + 6 N) in all (e = 2 bytes).
 scan_sweep   one knob at a time around the defaults (chunk, bwd_chunk, block_d, segments, warps, unroll) on a

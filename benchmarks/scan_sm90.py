@@ -367,7 +367,8 @@ def table(results):
                 continue
             lines.append(
                 f"| {shape} | {s['dtype']} | {r['phase']} | {r['kernel']} | {r['warps']} | {r['registers']} | "
-                f"{r['spill_store_bytes']}/{r['spill_load_bytes']} | {r['shared_bytes']} | {100 * r['occupancy']:.1f} | "
+                f"{r['spill_store_bytes']}/{r['spill_load_bytes']} | {r['shared_bytes']} | "
+                f"{100 * r['occupancy']:.1f} | "
                 f"{r['loop_sass']} | {r['loop_mufu']}/{r['loop_shfl']}/{r['loop_bar']} | "
                 f"{_f(r['sass_per_channel_step'], 1)} | {r['bytes'] / 1e6:.1f} | "
                 f"{r['issue_ms']:.3f} / {r['mufu_ms']:.3f} / {r['bytes_ms']:.3f} |")

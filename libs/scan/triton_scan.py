@@ -11,12 +11,12 @@ registers and walks L step by step; per-channel values are loaded, and softplus 
 (channel, step), from [channels, steps] tiles along L. B and C are read from one packed fp32 copy,
 (batch, L, 2, N_PAD), a row per step. The forward saves the state entering each CHUNK-step chunk
 ((batch, L/CHUNK, Di, N_PAD) fp32). The backward walks each chunk from its end: it recomputes, from the saved
-state, the state entering each BWD_CHUNK-step block of the chunk, then per block (last first) the block's states
-(held unrolled in registers) and runs the adjoint recurrence lambda_t = C_t g_t + exp(dt_{t+1} A) lambda_{t+1}
-over them. Nothing of size (batch, Di, L, N) exists. When the grid cannot fill the GPU (small batch, long L), L is
-cut into segments of whole chunks run in parallel: a first pass gives each segment's local end state (forward)
-or start adjoint (backward) and its dt sum, a small carry pass chains the segments (a segment's total decay is
-exp(A sum dt)), and the main pass starts from the carry. dB and dC (sums over channels) are summed over each
+state, the state entering each BWD_CHUNK-step block of the chunk (to a per-program scratch), then per block (last
+first) the block's states (held unrolled in registers) and runs the adjoint recurrence
+lambda_t = C_t g_t + exp(dt_{t+1} A) lambda_{t+1} over them. Nothing of size (batch, Di, L, N) exists. When the
+grid cannot fill the GPU (small batch, long L), L is cut into segments of whole chunks run in parallel: a first
+pass gives each segment's local end state (forward) or start adjoint (backward) and its dt sum, a small carry pass
+chains the segments (a segment's total decay is exp(A sum dt)), and the main pass starts from the carry. dB and dC (sums over channels) are summed over each
 program's channels in the kernel and written once per channel block, (batch, Di / BWD_BLOCK_D, L, 2, N_PAD),
 dA, dD and dbias as per-(sample, segment) partials; the launcher sums the partials: no atomics, results are
 deterministic.
@@ -32,11 +32,12 @@ Tuning knobs (module constants, read at each call; `launch_config` reports what 
 come from ahead-of-time sm_90 compiles (benchmarks/scan_sm90.py: registers, spills, SASS per channel-step), not
 from timings: no GPU has run these kernels yet.
   CHUNK           steps per saved state: saved memory batch*Di*N_PAD*L/CHUNK*4 bytes per call
-  BWD_CHUNK       steps per backward block, unrolled: registers ~ (BWD_CHUNK + CHUNK/BWD_CHUNK) states per
-                  thread; a power of two dividing CHUNK, CHUNK/BWD_CHUNK <= MAX_BLOCKS_PER_CHUNK
-  FWD_STEPS       steps per forward block, unrolled (a power of two; at most BWD_CHUNK, so it divides CHUNK)
+  BWD_CHUNK       steps per backward block, unrolled: its states stay in registers (BWD_CHUNK x the states a
+                  thread holds); a power of two dividing CHUNK, CHUNK/BWD_CHUNK <= MAX_BLOCKS_PER_CHUNK
+  FWD_STEPS       steps per forward tile along L (a power of two; at most BWD_CHUNK, so it divides CHUNK)
   FWD_BLOCK_D, BWD_BLOCK_D                  channels per program (powers of two; 32 per warp)
-  FWD_STATES_PER_THREAD, BWD_STATES_PER_THREAD   states a thread holds; N_PAD / this many state groups (warps)
+  FWD_STATES_PER_THREAD, BWD_STATES_PER_THREAD   states a thread holds; N_PAD / this many state groups (warps),
+                  at most MAX_STATE_GROUPS, a program at most MAX_WARPS warps (large d_state)
   WARPS_PER_SM    split L while the grid has fewer warps than WARPS_PER_SM x SMs ...
   MIN_CHUNKS_PER_SEGMENT  ... keeping at least this many chunks per segment
   MAX_REGISTERS   registers per thread ptxas may use (NVIDIA; 0: its choice): 128 lets 16 warps share an SM
