@@ -306,7 +306,7 @@ def table(report):
         for x in rows:
             t, m, c = x.get('triton', {}), x.get('mamba_ssm', {}), x.get('torch_chunked', {})
             lc = x.get('launch_config', {})
-            lines.append(f"| {'x'.join(map(str, x['shape']))} | {_f(x['bound_fwd_ms'], 3)} | "
+            lines.append(f"| {'x'.join(map(str, x['shape']))} {x.get('layout', '')} | {_f(x['bound_fwd_ms'], 3)} | "
                          f"{_f(t.get('fwd_ms'), 3)} ({_f(t.get('fwd_x_bound'))}) | {_f(x['bound_fwdbwd_ms'], 3)} | "
                          f"{_f(t.get('fwdbwd_ms'), 3)} ({_f(t.get('fwdbwd_x_bound'))}) | "
                          f"{_f(m.get('fwd_ms'), 3)} / {_f(m.get('fwdbwd_ms'), 3)} | {_f(c.get('fwd_ms'), 2)} | "

@@ -7,8 +7,11 @@ scan_parity  Triton (libs/scan/triton_scan.py) and the chunked torch scan (DIM_S
              and forced with segments=2.
 scan_speed   fwd (no grad) and fwd+bwd (gradients of all eight inputs) at the DiM shapes, bf16 inputs, N = 16:
              Triton, mamba-ssm's kernel when installed and probed, the chunked torch scan (when the budget allows);
-             Triton's launch config per shape. Bytes bound: each input read once, each output written once, at the
-             card's measured copy bandwidth: fwd reads u, delta, z (Di-wide) and B, C (N-wide), writes out:
+             Triton's launch config per shape. Two rows per shape: layout 'model', the strides the mixer passes
+             (libs/mamba_mixer.py: u, delta contiguous; z a channel-last view of in_proj's output; B, C column
+             slices of x_proj's output; the output gradient channel-last, as out_proj's backward gives it), what
+             training runs; then layout 'contiguous'. Bytes bound: each input read once, each output written
+             once, at the card's measured copy bandwidth: fwd reads u, delta, z (Di-wide) and B, C (N-wide), writes out:
              e B L (4 Di + 2 N); fwd+bwd adds the backward's reads of gout, u, delta, z, B, C and writes of du,
              ddelta, dz, dB, dC: e B L (11 Di + 6 N) in all (e = 2 bytes).
 scan_sweep   one knob at a time around the defaults (chunk, bwd_chunk, block_d, segments, warps, unroll) on a
@@ -27,9 +30,10 @@ NAMES = ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')
 TOL = {'fp32': 1e-5, 'bf16': 1e-2}
 
 
-def scan_inputs(batch, d_inner, L, d_state, dtype, device, seed=0):
+def scan_inputs(batch, d_inner, L, d_state, dtype, device, seed=0, layout='contiguous'):
     """Scan inputs on `device` at Mamba's init scale: u, delta, z, B, C in `dtype` ('fp32' | 'bf16'), the
-    parameters A, D, delta_bias in fp32."""
+    parameters A, D, delta_bias in fp32. layout 'contiguous': (batch, Di, L) and (batch, N, L) tensors; 'model':
+    z and B, C as the mixer's views (see the module docstring), the same values."""
     import torch
     g = torch.Generator(device=device).manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, device=device)
@@ -40,7 +44,26 @@ def scan_inputs(batch, d_inner, L, d_state, dtype, device, seed=0):
              A=-torch.arange(1, d_state + 1, device=device, dtype=torch.float32).repeat(d_inner, 1),
              B=r(batch, d_state, L).to(io), C=r(batch, d_state, L).to(io), D=r(d_inner),
              z=r(batch, d_inner, L).to(io), delta_bias=dt + torch.log(-torch.expm1(-dt)))
+    if layout == 'model':
+        return dict(x, **model_views(x['z'], x['B'], x['C']))
+    if layout != 'contiguous':
+        raise ValueError(f"layout must be 'contiguous' or 'model', got {layout!r}")
     return x
+
+
+def model_views(z, B, C):
+    """z (batch, Di, L), B, C (batch, N, L) -> the same values as the mixer's views: z the second half of a
+    (batch, L, 2 Di) in_proj output, B and C column slices of a (batch, L, R + 2N) x_proj output, R = Di / 32."""
+    import torch
+    batch, d_inner, L = z.shape
+    N, rank = B.shape[1], -(-d_inner // 32)
+    xz = torch.empty(batch, L, 2 * d_inner, dtype=z.dtype, device=z.device)
+    xz[..., d_inner:] = z.transpose(1, 2)
+    proj = torch.zeros(batch, L, rank + 2 * N, dtype=B.dtype, device=B.device)
+    proj[..., rank:rank + N] = B.transpose(1, 2)
+    proj[..., rank + N:] = C.transpose(1, 2)
+    return dict(z=xz.transpose(1, 2)[:, d_inner:], B=proj[..., rank:rank + N].transpose(1, 2),
+                C=proj[..., rank + N:].transpose(1, 2))
 
 
 def _grads(fn, x, gout, glast):
@@ -99,13 +122,15 @@ def bytes_bound(batch, Di, L, N, elem=2):
     return elem * batch * L * (4 * Di + 2 * N), elem * batch * L * (11 * Di + 6 * N)
 
 
-def _timers(fn, x, dev, s):
-    """fwd and fwd+bwd timings of fn(**inputs) -> out."""
+def _timers(fn, x, dev, s, layout='contiguous'):
+    """fwd and fwd+bwd timings of fn(**inputs) -> out; the output gradient channel-last for layout 'model'."""
     import torch
     with torch.no_grad():
         fwd = time_fn(lambda: fn(x), dev, s['warmup'], s['reps'], s['max_s'])
-    leaves = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
+    leaves = {k: v.detach().requires_grad_() for k, v in x.items()}       # views stay views
     gout = torch.randn_like(x['u'])
+    if layout == 'model':
+        gout = gout.transpose(1, 2).contiguous().transpose(1, 2)
 
     def fwdbwd():
         out = fn(leaves)
@@ -145,18 +170,18 @@ def speed(ctx):
     if mamba_fn is not None:
         impls['mamba_ssm'] = lambda a: cuda_ext.selective_scan(mamba_fn, **a, delta_softplus=True)
     rows = []
-    for batch, Di, L in s['shapes']:
+    for (batch, Di, L), layout in ((shape, layout) for shape in s['shapes'] for layout in ('model', 'contiguous')):
         bf, bfb = bytes_bound(batch, Di, L, N)
-        row = dict(shape=[batch, Di, L], d_state=N, bytes_fwd=bf, bytes_fwdbwd=bfb,
+        row = dict(shape=[batch, Di, L], layout=layout, d_state=N, bytes_fwd=bf, bytes_fwdbwd=bfb,
                    bound_fwd_ms=bf / GBps / 1e6, bound_fwdbwd_ms=bfb / GBps / 1e6,
                    launch_config=triton_scan.launch_config(batch, Di, L, N, dev))
         rows.append(row)
-        x = scan_inputs(batch, Di, L, N, 'bf16', dev)
+        x = scan_inputs(batch, Di, L, N, 'bf16', dev, layout=layout)
         for name, fn in impls.items():
             if ctx.left() < 5:
                 row[name] = dict(skipped='section budget spent')
                 continue
-            fwd, fb = _timers(fn, x, dev, s)
+            fwd, fb = _timers(fn, x, dev, s, layout)
             row[name] = dict(fwd_ms=fwd['median_ms'], fwdbwd_ms=fb['median_ms'], reps=[fwd['reps'], fb['reps']],
                              fwd_x_bound=fwd['median_ms'] / row['bound_fwd_ms'],
                              fwdbwd_x_bound=fb['median_ms'] / row['bound_fwdbwd_ms'])
@@ -170,7 +195,7 @@ def speed(ctx):
         if ctx.left() < 15:
             row['torch_chunked'] = dict(skipped='section budget spent')
             continue
-        x = scan_inputs(*row['shape'], N, 'bf16', dev)
+        x = scan_inputs(*row['shape'], N, 'bf16', dev, layout=row['layout'])
         with torch.no_grad():
             t = time_fn(lambda: core(x), dev, 1, min(3, s['reps']), s['max_s'])
         row['torch_chunked'] = dict(fwd_ms=t['median_ms'], fwd_x_bound=t['median_ms'] / row['bound_fwd_ms'])
@@ -188,12 +213,12 @@ def speed(ctx):
 def _variants(cfg):
     """One knob changed at a time: scan() overrides, then module constants of triton_scan."""
     seg = cfg['fwd']['segments']
-    out = [dict(chunk=64), dict(chunk=256), dict(bwd_chunk=8), dict(bwd_chunk=32), dict(block_d=4),
-           dict(block_d=16), dict(block_d=32)]
+    out = [dict(chunk=8), dict(chunk=32), dict(bwd_chunk=2), dict(bwd_chunk=8), dict(block_d=32),
+           dict(block_d=128)]
     if seg > 1:
         out += [dict(segments=max(1, seg // 2)), dict(segments=2 * seg)]
-    out += [dict(FWD_NUM_WARPS=2), dict(BWD_NUM_WARPS=8), dict(BWD_NUM_WARPS=2), dict(STEP_UNROLL=2),
-            dict(PROGRAMS_PER_SM=8), dict(PROGRAMS_PER_SM=32)]
+    out += [dict(FWD_STEPS=2), dict(FWD_STEPS=8), dict(BWD_STATES_PER_THREAD=2), dict(BWD_STATES_PER_THREAD=8),
+            dict(MAX_REGISTERS=0), dict(WARPS_PER_SM=16), dict(WARPS_PER_SM=64)]
     return out
 
 
@@ -206,7 +231,7 @@ def sweep(ctx):
     dev = ctx.device
     results = []
     for batch, Di, L in shapes:
-        x = scan_inputs(batch, Di, L, N, 'bf16', dev)
+        x = scan_inputs(batch, Di, L, N, 'bf16', dev, layout='model')
         default_cfg = triton_scan.launch_config(batch, Di, L, N, dev)
         with torch.no_grad():
             ref = triton_scan.scan(**x, delta_softplus=True).float()
@@ -226,7 +251,7 @@ def sweep(ctx):
                 fn = lambda a: triton_scan.scan(**a, delta_softplus=True, **args)
                 with torch.no_grad():
                     err = rel_err(fn(x).float(), ref)[1]
-                fwd, fb = _timers(fn, x, dev, s)
+                fwd, fb = _timers(fn, x, dev, s, 'model')
                 entry['variants'].append(dict(change=v or 'defaults', fwd_ms=fwd['median_ms'],
                                               fwdbwd_ms=fb['median_ms'], max_rel_diff_vs_default=err,
                                               config=triton_scan.launch_config(batch, Di, L, N, dev, **args)))

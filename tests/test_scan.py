@@ -9,6 +9,7 @@ import types
 import pytest
 import torch
 
+import kernel_standins as standins
 import libs.scan as ss
 from libs.scan import causal_conv1d, scan_backend, selective_scan
 from libs.scan import cpu as scan_cpu
@@ -146,12 +147,29 @@ def test_the_choice_is_logged_once(monkeypatch, caplog):
     assert len([r for r in caplog.records if 'selective scan on cpu' in r.getMessage()]) == 1
 
 
-def test_auto_on_cuda_prefers_triton_and_calls_it_by_keyword(monkeypatch, caplog):
+def test_auto_on_cuda_prefers_a_working_mamba_ssm_kernel(monkeypatch, caplog):
     _as_cuda(monkeypatch)
+    standins.install(monkeypatch)                       # mamba-ssm and causal-conv1d with their real signatures
+    triton = _standin_triton(monkeypatch)
+    with caplog.at_level(logging.INFO, logger='libs.scan'):
+        assert scan_backend('cpu') == 'mamba_ssm'
+    assert any("backend 'mamba_ssm' (auto)" in r.getMessage() for r in caplog.records)
+    assert triton.calls == []                           # the Triton scan is not even probed
+    x = scan_inputs(2, 8, 16, 33)
+    ref, _ = sequential_scan(**{k: v.double() for k, v in x.items()}, delta_softplus=True)
+    assert max_rel_err(selective_scan(**x, delta_softplus=True).double(), ref) < 1e-5
+    assert standins.calls[-1] == 'selective_scan_fn'
+
+
+@pytest.mark.parametrize('mamba', ['not installed', 'kernel not built'])
+def test_auto_on_cuda_takes_triton_when_mamba_ssm_does_not_run_and_calls_it_by_keyword(monkeypatch, caplog, mamba):
+    _as_cuda(monkeypatch)
+    standins.install(monkeypatch, scan=None if mamba == 'not installed' else standins.failing_selective_scan_fn)
     triton = _standin_triton(monkeypatch)
     with caplog.at_level(logging.INFO, logger='libs.scan'):
         assert scan_backend('cpu') == 'triton'
-    assert any("backend 'triton' (auto)" in r.getMessage() for r in caplog.records)
+    chosen, = [r.getMessage() for r in caplog.records if "backend 'triton' (auto" in r.getMessage()]
+    assert 'mamba_ssm not usable' in chosen
     n_probe = len(triton.calls)
     _check_full_semantics(33)
     assert len(triton.calls) == n_probe + 1 and triton.calls[-1] == dict(D=True, z=True, delta_softplus=True)
@@ -159,6 +177,7 @@ def test_auto_on_cuda_prefers_triton_and_calls_it_by_keyword(monkeypatch, caplog
 
 def test_rocm_takes_the_same_path_and_says_so(monkeypatch, caplog):
     _as_cuda(monkeypatch, hip='6.3.0')
+    monkeypatch.setitem(sys.modules, 'mamba_ssm', None)                 # not installed (no ROCm build of it)
     _standin_triton(monkeypatch)
     with caplog.at_level(logging.INFO, logger='libs.scan'):
         assert scan_backend('cpu') == 'triton'

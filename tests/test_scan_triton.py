@@ -63,6 +63,20 @@ def test_spans_many_chunks_with_finer_backward_blocks():
     _assert_close(mine, ref, 1e-5)
 
 
+@pytest.mark.parametrize('N, chunk, bwd_chunk, block_d, groups', [
+    (16, 8, 4, None, (1, 4)),        # DiM's d_state: the backward's 16 states in 4 groups (warps) of 4
+    (20, 4, 1, 4, (2, 8)),           # padded to 32: two forward groups; one-step backward blocks; 4 channels a block
+])
+def test_states_split_over_state_groups(N, chunk, bwd_chunk, block_d, groups):
+    # The sums over a state group's states, then over the groups (regrouped through shared memory on a GPU), and
+    # the dB / dC sums over a block's channels, at the shapes that use them
+    cfg = ts.launch_config(1, 6, 19, N, 'cpu', chunk, bwd_chunk, None, block_d)
+    assert (cfg['fwd']['state_groups'], cfg['bwd']['state_groups']) == groups
+    x = scan_inputs(1, 6, N, 19, seed=13)
+    mine, ref = _run(x, KEYS, chunk=chunk, bwd_chunk=bwd_chunk, block_d=block_d)
+    _assert_close(mine, ref, 1e-5)
+
+
 @pytest.mark.parametrize('D, z, bias, softplus', [(False, False, False, False), (True, False, False, True),
                                                   (False, True, True, False), (False, False, True, True)])
 def test_optional_inputs(D, z, bias, softplus):
@@ -135,7 +149,7 @@ def test_strided_inputs_are_read_in_place_and_out_keeps_u_layout():
 
 
 def test_deterministic():
-    x = scan_inputs(1, 40, 4, 12, seed=8)
+    x = scan_inputs(1, 24, 4, 12, seed=8)
     a, _ = _run(x, KEYS, chunk=4, block_d=8, segments=2)
     b, _ = _run(x, KEYS, chunk=4, block_d=8, segments=2)
     assert torch.equal(a[0], b[0]) and all(torch.equal(a[2][k], b[2][k]) for k in KEYS)
@@ -175,9 +189,17 @@ def test_rejects_bad_inputs():
 def test_launch_config_heuristic(monkeypatch):
     cpu = ts.launch_config(2, 40, 366, 16, 'cpu')
     assert cpu['sm_count'] is None and cpu['fwd']['segments'] == cpu['bwd']['segments'] == 1
-    assert cpu['fwd']['block_d'] == min(ts.FWD_BLOCK_D, 64) and cpu['refine'] == (ts.BWD_CHUNK != ts.CHUNK)
+    assert cpu['fwd']['block_d'] == ts.FWD_BLOCK_D and cpu['fwd']['n_pad'] == cpu['bwd']['n_pad'] == 16
+    # the forward keeps a channel's 16 states in one thread; the backward splits them over state groups (warps)
+    assert cpu['fwd']['state_groups'] == 1 and cpu['fwd']['num_warps'] == ts.FWD_BLOCK_D // 32
+    bwd = cpu['bwd']
+    assert bwd['states_per_thread'] * bwd['state_groups'] == 16 and bwd['states_per_thread'] == ts.BWD_STATES_PER_THREAD
+    assert bwd['num_warps'] * 32 == bwd['state_groups'] * bwd['block_d'] and bwd['steps'] == ts.BWD_CHUNK
     assert ts.launch_config(1, 6, 10, 5, 'cpu')['fwd']['block_d'] == 8           # next power of two of Di
-    assert ts.launch_config(1, 64, 10, 200, 'cpu')['fwd']['block_d'] * 256 <= ts.MAX_STATE_TILE
+    big = ts.launch_config(1, 64, 10, 200, 'cpu')
+    for p in (big['fwd'], big['bwd']):
+        assert p['n_pad'] == 256 and p['states_per_thread'] * p['state_groups'] == 256
+        assert p['num_warps'] <= ts.MAX_WARPS and p['state_groups'] <= ts.MAX_STATE_GROUPS
     monkeypatch.setattr(ts, '_sm_count', lambda device: 132)
     full = ts.launch_config(96, 3072, 366, 16)                                     # DiM-H training batch
     assert full['fwd']['segments'] == full['bwd']['segments'] == 1
@@ -186,8 +208,9 @@ def test_launch_config_heuristic(monkeypatch):
         assert p['segments'] > 1 and p['chunks_per_segment'] >= ts.MIN_CHUNKS_PER_SEGMENT
         assert (p['segments'] - 1) * p['chunks_per_segment'] < p['n_chunks'] <= p['segments'] * p['chunks_per_segment']
         # rounding the segments to whole chunks can lose up to half of them
-        wanted = min(ts.PROGRAMS_PER_SM * 132, p['n_dblocks'] * (p['n_chunks'] // ts.MIN_CHUNKS_PER_SEGMENT))
-        assert 2 * p['programs'] >= wanted
+        wanted = min(ts.WARPS_PER_SM * 132,
+                     p['n_dblocks'] * p['num_warps'] * (p['n_chunks'] // ts.MIN_CHUNKS_PER_SEGMENT))
+        assert 2 * p['programs'] * p['num_warps'] >= wanted
 
 
 def test_kernels_of_both_modes_live_in_one_process():
@@ -257,37 +280,32 @@ def test_long_sequence_with_segments():
     _assert_close(mine, ref, 1e-5)
 
 
-def _compile_for(target, fn, constexprs, num_warps=4):
-    """Compile a kernel ahead of time for `target` (no GPU needed): the Triton front end, the GPU passes and the
-    backend assembler; the interpreter accepts code a GPU compile rejects (e.g. non-constexpr globals)."""
-    import triton
-    io = {'u_ptr', 'dt_ptr', 'z_ptr', 'B_ptr', 'C_ptr', 'out_ptr', 'g_ptr', 'du_ptr', 'ddt_ptr', 'dz_ptr'}
-    signature = {a: 'constexpr' if a in constexprs else ('*bf16' if a in io else '*fp32') if a.endswith('_ptr')
-                 else 'i32' for a in fn.arg_names}
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    return triton.compile(src, target=target, options=dict(num_warps=num_warps))
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize('target', ['cuda', 'hip'])
-def test_kernels_compile_for_gpus(target):
-    # every kernel with every optional input, small blocks (compile time): sm_90 PTX + cubin, gfx942 hsaco
+def test_kernels_compile_for_gpus_as_the_launcher_runs_them(target, monkeypatch):
+    # Every kernel as the launcher launches it for DiM-H/2 at 1536 px (batch 1: L split into segments, so the
+    # carry passes run too), bf16, the mixer's strides: sm_90 cubins (128 registers at most, no spill) and gfx942
+    # code objects (what a ROCm build of torch launches). Compiled without a GPU by a stand-in driver.
+    from benchmarks.scan_sm90 import compile_shape, kernel_row
     from triton.backends import backends
     from triton.backends.compiler import GPUTarget
     if ('nvidia' if target == 'cuda' else 'amd') not in backends:
         pytest.skip(f'this triton has no {target} backend')
+    monkeypatch.delenv('TRITON_INTERPRET')
     tgt = GPUTarget('cuda', 90, 32) if target == 'cuda' else GPUTarget('hip', 'gfx942', 64)
-    k = ts._kernels(False)
-    flags = dict(HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, BLOCK_D=4, N_PAD=4)
-    kernels = [
-        (k.scan_fwd_kernel, dict(HAS_CARRY=True, SAVE_STATES=True, WRITE_OUT=True, HAS_D=True, UNROLL=2, **flags)),
-        (k.scan_fwd_segment_kernel, dict(HAS_BIAS=True, SOFTPLUS=True, BLOCK_D=4, N_PAD=4, UNROLL=2)),
-        (k.segment_carry_kernel, dict(HAS_INIT=True, REVERSE=True, BLOCK_D=4, N_PAD=4)),
-        (k.scan_bwd_segment_kernel, dict(UNROLL=2, **flags)),
-        (k.scan_bwd_kernel, dict(INIT=2, HAS_D=True, T=2, **flags)),
-    ]
-    for fn, constexprs in kernels:
-        compiled = _compile_for(tgt, fn, constexprs)
-        assert ('cubin' if target == 'cuda' else 'hsaco') in compiled.asm, fn.__name__
+    launches = [x for x in compile_shape(1, 3072, 9806, 16, 'bf16', target=tgt) if x['kind'] == 'kernel']
+    names = {x['name'] for x in launches}
+    assert names == {'scan_fwd_kernel', 'segment_carry_kernel', 'scan_bwd_segment_kernel', 'scan_bwd_kernel'}
+    bwd = next(x for x in launches if x['name'] == 'scan_bwd_kernel')['args']
+    cfg = ts.launch_config(1, 3072, 9806, 16)['bwd']
+    assert (bwd['BLOCK_D'], bwd['W'], bwd['T']) == (cfg['block_d'], cfg['state_groups'], cfg['steps'])
+    assert (cfg['block_d'], cfg['state_groups'], cfg['steps']) == (ts.BWD_BLOCK_D, 16 // ts.BWD_STATES_PER_THREAD,
+                                                                   ts.BWD_CHUNK)
+    for x in launches:
+        assert ('cubin' if target == 'cuda' else 'hsaco') in x['compiled'].asm, x['name']
+        if target == 'cuda':
+            row = kernel_row(x)
+            assert row['registers'] <= ts.MAX_REGISTERS and row['spill_store_bytes'] == 0, (x['name'], row)
 
 
 def test_compiled_kernels_decompose_for_inductor(monkeypatch):

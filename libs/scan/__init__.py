@@ -6,11 +6,12 @@ Backends (DIM_SCAN_BACKEND = auto (default) | mamba_ssm | triton | cpu | torch):
              under TRITON_INTERPRET=1 (Triton's interpreter: tests only, slow).
   cpu        our compiled C kernel (libs/scan/cpu.py); CPU tensors, when it was built at install.
   torch      our exact pure-PyTorch chunked scan (libs/scan/chunked.py); any device, always available, slow on GPUs.
-auto: CUDA tensors get triton, else mamba_ssm, else torch with a WARNING (no GPU measurement says mamba-ssm is
-faster yet, so it is used first only when forced); CPU tensors get cpu, else torch with a WARNING; other devices
-get torch. A kernel counts only once it has run: one tiny forward + backward per device, compared with the torch
-backend (an importable mamba-ssm may have no Mamba-1 kernel). A forced backend that cannot run is an error that
-says how to fix it. Each choice is logged once per device.
+auto: CUDA tensors get mamba_ssm when its kernel runs, else triton, else torch with a WARNING (mamba-ssm's fused
+kernel first until a card shows the Triton scan is faster: its sm_90 code is only estimated, docs/triton-scan.md);
+CPU tensors get cpu, else torch with a WARNING; other devices get torch. A kernel counts only once it has run: one
+tiny forward + backward per device, compared with the torch backend (an importable mamba-ssm may have no Mamba-1
+kernel). A forced backend that cannot run is an error that says how to fix it. Each choice is logged once per
+device.
 
 The depthwise causal conv uses causal-conv1d's kernel when the scan backend is mamba_ssm and that kernel runs, else
 torch's conv1d.
@@ -150,7 +151,7 @@ FIX = {
 }
 
 
-AUTO_ORDER = {'cuda': ('triton', 'mamba_ssm'), 'cpu': ('cpu',)}    # fused kernels auto tries, by device type
+AUTO_ORDER = {'cuda': ('mamba_ssm', 'triton'), 'cpu': ('cpu',)}    # fused kernels auto tries, by device type
 
 
 def _unusable(name, device):

@@ -4,18 +4,22 @@
     h_t  = exp(dt_t A) h_{t-1} + dt_t u_t B_t        h_{-1} = 0, state (Di, N) per sample, fp32
     out_t = (C_t . h_t + D u_t) * silu(z_t)          in u's dtype; last state h_{L-1} (batch, Di, N) fp32
 
-Kernels (libs/scan/triton_kernels.py): one program per (block of channels, sample, segment of L) keeps its
-[BLOCK_D, N] fp32 state in registers and walks L step by step. The forward saves only the state entering each
-CHUNK-step chunk ((batch, L/CHUNK, Di, N) fp32). The backward re-runs the forward from those states, in parallel
-over the chunks, to get the states every BWD_CHUNK steps (a transient buffer, skipped when BWD_CHUNK == CHUNK);
-then it walks L backwards BWD_CHUNK steps at a time: it recomputes the BWD_CHUNK states from their entry state
-(held unrolled in registers) and runs the adjoint recurrence lambda_t = C_t g_t + exp(dt_{t+1} A) lambda_{t+1}
-over them. Nothing of size (batch, Di, L, N) exists. When batch x channel blocks cannot fill the GPU, L is cut
-into segments of whole chunks run in parallel: a first pass gives each segment's local end state (forward) or
-start adjoint (backward) and its dt sum, a small carry pass chains the segments (a segment's total decay is
-exp(A sum dt)), and the main pass starts from the carry. dB and dC (sums over channels) are written as
-per-channel-block partials and summed afterwards, dA, dD and dbias as per-(sample, segment) partials: no
-atomics, results are deterministic.
+Kernels (libs/scan/triton_kernels.py; docs/triton-scan.md gives the design and its sm_90 figures): a program owns
+a block of channels of one sample and one segment of L, one channel per thread. The thread keeps its channel's
+states (all N in the forward, N / state groups in the backward, whose state groups sit on further warps) in fp32
+registers and walks L step by step; per-channel values are loaded, and softplus / SiLU computed, once per
+(channel, step), from [channels, steps] tiles along L. B and C are read from one packed fp32 copy,
+(batch, L, 2, N_PAD), a row per step. The forward saves the state entering each CHUNK-step chunk
+((batch, L/CHUNK, Di, N_PAD) fp32). The backward walks each chunk from its end: it recomputes, from the saved
+state, the state entering each BWD_CHUNK-step block of the chunk (to a per-program scratch), then per block (last
+first) the block's states (held unrolled in registers) and runs the adjoint recurrence
+lambda_t = C_t g_t + exp(dt_{t+1} A) lambda_{t+1} over them. Nothing of size (batch, Di, L, N) exists. When the
+grid cannot fill the GPU (small batch, long L), L is cut into segments of whole chunks run in parallel: a first
+pass gives each segment's local end state (forward) or start adjoint (backward) and its dt sum, a small carry pass
+chains the segments (a segment's total decay is exp(A sum dt)), and the main pass starts from the carry. dB and dC (sums over channels) are summed over each
+program's channels in the kernel and written once per channel block, (batch, Di / BWD_BLOCK_D, L, 2, N_PAD),
+dA, dD and dbias as per-(sample, segment) partials; the launcher sums the partials: no atomics, results are
+deterministic.
 
 Registered as torch.library ops `dim::triton_scan_fwd` / `dim::triton_scan_bwd` (`triton_op`): fake impls share
 the real allocation code, autograd is registered on the forward op. Under the interpreter the ops stay opaque to
@@ -25,16 +29,18 @@ Device: CUDA tensors (NVIDIA, and ROCm builds of torch, whose HIP GPUs are 'cuda
 Triton's interpreter (TRITON_INTERPRET=1, read at each call: kernels are compiled or interpreted per call).
 
 Tuning knobs (module constants, read at each call; `launch_config` reports what a shape gets). The defaults
-come from ahead-of-time sm_90 compiles with triton 3.6 and 3.8 on a CPU (ptxas registers and spills, no
-shared-memory round trip in the forward's step loop: with one warp per forward program the reduction over N
-stays inside the warp whatever layout Triton picks), not from timings: no GPU has run these kernels yet.
-  CHUNK           steps per saved state: saved memory batch*Di*N*L/CHUNK*4 bytes per call
-  BWD_CHUNK       steps per backward block, unrolled: registers ~ (BWD_CHUNK + 1) state tiles; divides CHUNK
-  STEP_UNROLL     unroll factor of the other step loops (forward, segment passes)
-  FWD_BLOCK_D, BWD_BLOCK_D, FWD_NUM_WARPS, BWD_NUM_WARPS   channels and warps per program
-  MAX_STATE_TILE  BLOCK_D is halved until BLOCK_D x N_PAD <= this (large d_state)
-  PROGRAMS_PER_SM split L while batch x channel blocks x segments < PROGRAMS_PER_SM x SMs ...
+come from ahead-of-time sm_90 compiles (benchmarks/scan_sm90.py: registers, spills, SASS per channel-step), not
+from timings: no GPU has run these kernels yet.
+  CHUNK           steps per saved state: saved memory batch*Di*N_PAD*L/CHUNK*4 bytes per call
+  BWD_CHUNK       steps per backward block, unrolled: its states stay in registers (BWD_CHUNK x the states a
+                  thread holds); a power of two dividing CHUNK, CHUNK/BWD_CHUNK <= MAX_BLOCKS_PER_CHUNK
+  FWD_STEPS       steps per forward tile along L (a power of two; at most BWD_CHUNK, so it divides CHUNK)
+  FWD_BLOCK_D, BWD_BLOCK_D                  channels per program (powers of two; 32 per warp)
+  FWD_STATES_PER_THREAD, BWD_STATES_PER_THREAD   states a thread holds; N_PAD / this many state groups (warps),
+                  at most MAX_STATE_GROUPS, a program at most MAX_WARPS warps (large d_state)
+  WARPS_PER_SM    split L while the grid has fewer warps than WARPS_PER_SM x SMs ...
   MIN_CHUNKS_PER_SEGMENT  ... keeping at least this many chunks per segment
+  MAX_REGISTERS   registers per thread ptxas may use (NVIDIA; 0: its choice): 128 lets 16 warps share an SM
 """
 import importlib.util
 import os
@@ -45,20 +51,23 @@ from typing import Optional
 import torch
 
 __all__ = ['is_available', 'unavailable_reason', 'selective_scan', 'scan', 'launch_config', 'interpreting',
-           'CHUNK', 'BWD_CHUNK', 'STEP_UNROLL', 'FWD_BLOCK_D', 'BWD_BLOCK_D', 'FWD_NUM_WARPS', 'BWD_NUM_WARPS',
-           'MAX_STATE_TILE', 'PROGRAMS_PER_SM', 'MIN_CHUNKS_PER_SEGMENT']
+           'CHUNK', 'BWD_CHUNK', 'FWD_STEPS', 'FWD_BLOCK_D', 'BWD_BLOCK_D', 'FWD_STATES_PER_THREAD',
+           'BWD_STATES_PER_THREAD', 'WARPS_PER_SM', 'MIN_CHUNKS_PER_SEGMENT', 'MAX_BLOCKS_PER_CHUNK', 'MAX_REGISTERS']
 
-CHUNK = 128
-BWD_CHUNK = 16
-STEP_UNROLL = 1
-FWD_BLOCK_D = 8
-FWD_NUM_WARPS = 1
-BWD_BLOCK_D = 16
-BWD_NUM_WARPS = 4
-MAX_STATE_TILE = 1024
-PROGRAMS_PER_SM = 16
+CHUNK = 16
+BWD_CHUNK = 4
+FWD_STEPS = 4
+FWD_BLOCK_D = 32
+BWD_BLOCK_D = 64
+FWD_STATES_PER_THREAD = 16
+BWD_STATES_PER_THREAD = 4
+WARPS_PER_SM = 8
 MIN_CHUNKS_PER_SEGMENT = 4
-MAX_BWD_CHUNK = 64
+MAX_BLOCKS_PER_CHUNK = 16
+MAX_REGISTERS = 128
+MAX_STATE_GROUPS = 8      # large d_state: more states per thread rather than more warps ...
+MAX_WARPS = 16            # ... and fewer channels per program, so that a program has at most 16 warps
+MAX_D_STATE = 256
 
 _IO_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -96,7 +105,33 @@ _kernel_modules = {}
 _kernel_lock = threading.Lock()
 
 
+def _load_module(stem, interpret):
+    """libs/scan/<stem>.py as its own module, its @triton.jit functions compiled or interpreted per `interpret`."""
+    name = f"{__package__}._{stem}_{'interpreted' if interpret else 'compiled'}"
+    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                     f'{stem}.py'))
+    mod = importlib.util.module_from_spec(spec)
+    knobs = getattr(triton, 'knobs', None)
+    if knobs is not None:   # triton >= 3.4; scope() restores the knob and the environment variable
+        with knobs.runtime.scope():
+            knobs.runtime.interpret = interpret
+            spec.loader.exec_module(mod)
+    else:                   # older triton reads TRITON_INTERPRET in @triton.jit
+        saved = os.environ.get('TRITON_INTERPRET')
+        os.environ['TRITON_INTERPRET'] = '1' if interpret else '0'
+        try:
+            spec.loader.exec_module(mod)
+        finally:
+            if saved is None:
+                del os.environ['TRITON_INTERPRET']
+            else:
+                os.environ['TRITON_INTERPRET'] = saved
+    sys.modules[name] = mod
+    return mod
+
+
 def _kernels(interpret):
+    """The kernels module (triton_kernels.py) of one mode, with its tile helpers (triton_tiles.py) of that mode."""
     mod = _kernel_modules.get(interpret)
     if mod is not None:
         return mod
@@ -106,26 +141,8 @@ def _kernels(interpret):
             if not interpret and not isinstance(triton.language.standard._sum_combine, JITFunction):
                 raise RuntimeError("triton was imported with TRITON_INTERPRET=1, so its own library is "
                                    "interpreted and compiled kernels cannot use it: unset it before starting")
-            name = f"{__package__}._triton_kernels_{'interpreted' if interpret else 'compiled'}"
-            path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'triton_kernels.py')
-            spec = importlib.util.spec_from_file_location(name, path)
-            mod = importlib.util.module_from_spec(spec)
-            knobs = getattr(triton, 'knobs', None)
-            if knobs is not None:   # triton >= 3.4; scope() restores the knob and the environment variable
-                with knobs.runtime.scope():
-                    knobs.runtime.interpret = interpret
-                    spec.loader.exec_module(mod)
-            else:                   # older triton reads TRITON_INTERPRET in @triton.jit
-                saved = os.environ.get('TRITON_INTERPRET')
-                os.environ['TRITON_INTERPRET'] = '1' if interpret else '0'
-                try:
-                    spec.loader.exec_module(mod)
-                finally:
-                    if saved is None:
-                        del os.environ['TRITON_INTERPRET']
-                    else:
-                        os.environ['TRITON_INTERPRET'] = saved
-            sys.modules[name] = mod
+            mod = _load_module('triton_kernels', interpret)
+            mod.tiles = _load_module('triton_tiles', interpret)
             _kernel_modules[interpret] = mod
     return _kernel_modules[interpret]
 
@@ -149,6 +166,10 @@ def _pow2(x):
     return 1 << max(0, int(x) - 1).bit_length()
 
 
+def _log2(x):
+    return int(x).bit_length() - 1
+
+
 def _sm_count(device):
     device = torch.device(device)
     if device.type != 'cuda' or not torch.cuda.is_available():
@@ -156,35 +177,45 @@ def _sm_count(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _pass_config(batch, d_inner, L, d_state, chunk, block_d, num_warps, segments, sm_count):
+def n_pad(d_state):
+    """States per channel in the kernels and their buffers: d_state rounded up to a power of two."""
+    return _pow2(d_state)
+
+
+def _pass_config(batch, d_inner, L, d_state, chunk, steps, block_d, states_per_thread, segments, sm_count):
     n_chunks = -(-L // chunk)
-    n_pad = max(2, _pow2(d_state))
-    block_d = max(2, min(_pow2(block_d), _pow2(d_inner)))
-    while block_d > 2 and block_d * n_pad > MAX_STATE_TILE:
-        block_d //= 2
+    pad = n_pad(d_state)
+    per_thread = max(min(pad, _pow2(states_per_thread)), pad // MAX_STATE_GROUPS)
+    groups = pad // per_thread
+    block_d = max(2, min(_pow2(block_d), _pow2(d_inner), 32 * MAX_WARPS // groups))
+    num_warps = max(1, groups * block_d // 32)
     n_dblocks = -(-d_inner // block_d)
     if segments is None:
         segments = 1
-        if sm_count is not None and batch * n_dblocks < PROGRAMS_PER_SM * sm_count:
-            segments = -(-PROGRAMS_PER_SM * sm_count // (batch * n_dblocks))
+        warps = batch * n_dblocks * num_warps
+        if sm_count is not None and warps < WARPS_PER_SM * sm_count:
+            segments = -(-WARPS_PER_SM * sm_count // warps)
             segments = max(1, min(segments, n_chunks // MIN_CHUNKS_PER_SEGMENT))
     chunks_per_segment = -(-n_chunks // max(1, min(int(segments), n_chunks)))
     segments = -(-n_chunks // chunks_per_segment)
-    return dict(chunk=chunk, n_chunks=n_chunks, block_d=block_d, n_pad=n_pad, num_warps=num_warps,
-                n_dblocks=n_dblocks, segments=segments, chunks_per_segment=chunks_per_segment,
-                programs=n_dblocks * batch * segments)
+    return dict(chunk=chunk, n_chunks=n_chunks, steps=steps, block_d=block_d, n_pad=pad,
+                states_per_thread=per_thread, state_groups=groups, num_warps=num_warps, n_dblocks=n_dblocks,
+                segments=segments, chunks_per_segment=chunks_per_segment, programs=n_dblocks * batch * segments)
 
 
 def _chunks(chunk, bwd_chunk):
-    """(chunk, bwd_chunk) with the knobs' defaults; bwd_chunk defaults to the largest divisor of chunk that is
-    <= BWD_CHUNK."""
+    """(chunk, bwd_chunk) with the knobs' defaults; bwd_chunk defaults to the largest power of two dividing chunk
+    that is <= BWD_CHUNK."""
     chunk = int(chunk or CHUNK)
     if not bwd_chunk:
-        bwd_chunk = max(c for c in range(1, min(BWD_CHUNK, chunk) + 1) if chunk % c == 0)
+        bwd_chunk = 1
+        while bwd_chunk * 2 <= min(BWD_CHUNK, chunk) and chunk % (bwd_chunk * 2) == 0:
+            bwd_chunk *= 2
     bwd_chunk = int(bwd_chunk)
-    if chunk < 1 or not 1 <= bwd_chunk <= MAX_BWD_CHUNK or chunk % bwd_chunk:
-        raise ValueError(f"need chunk >= 1 and 1 <= bwd_chunk <= {MAX_BWD_CHUNK} dividing it, "
-                         f"got chunk={chunk}, bwd_chunk={bwd_chunk}")
+    if (chunk < 1 or bwd_chunk < 1 or bwd_chunk & (bwd_chunk - 1) or chunk % bwd_chunk
+            or chunk // bwd_chunk > MAX_BLOCKS_PER_CHUNK):
+        raise ValueError(f"need chunk >= 1 and bwd_chunk a power of two dividing it with chunk / bwd_chunk <= "
+                         f"{MAX_BLOCKS_PER_CHUNK}, got chunk={chunk}, bwd_chunk={bwd_chunk}")
     return chunk, bwd_chunk
 
 
@@ -192,18 +223,21 @@ def launch_config(batch, d_inner, L, d_state, device='cuda', chunk=None, bwd_chu
                   block_d=None):
     """The launch configuration `selective_scan` uses for this shape on `device`.
 
-    Returns dict(sm_count, refine (whether the backward re-runs the forward for finer states), fwd={...},
-    bwd={...}); each pass: chunk, n_chunks, block_d, n_pad, num_warps, n_dblocks, segments, chunks_per_segment,
-    programs. The arguments override the knobs (segments=None: split L only when batch x channel blocks <
-    PROGRAMS_PER_SM x SMs; never on CPU).
+    Returns dict(sm_count, fwd={...}, bwd={...}); each pass: chunk, n_chunks, steps (per unrolled block), block_d,
+    n_pad, states_per_thread, state_groups, num_warps, n_dblocks, segments, chunks_per_segment, programs. The
+    arguments override the knobs (segments=None: split L only when the grid has fewer than WARPS_PER_SM x SMs
+    warps; never on CPU; block_d: both passes).
     """
     chunk, bwd_chunk = _chunks(chunk, bwd_chunk)
     if segments is not None and int(segments) < 1:
         raise ValueError(f"segments must be >= 1, got {segments}")
     sm = _sm_count(device)
-    fwd = _pass_config(batch, d_inner, L, d_state, chunk, block_d or FWD_BLOCK_D, FWD_NUM_WARPS, segments, sm)
-    bwd = _pass_config(batch, d_inner, L, d_state, bwd_chunk, block_d or BWD_BLOCK_D, BWD_NUM_WARPS, segments, sm)
-    return dict(sm_count=sm, refine=bwd_chunk != chunk, fwd=fwd, bwd=bwd)
+    fwd_steps = min(_pow2(FWD_STEPS), bwd_chunk)
+    fwd = _pass_config(batch, d_inner, L, d_state, chunk, fwd_steps, block_d or FWD_BLOCK_D, FWD_STATES_PER_THREAD,
+                       segments, sm)
+    bwd = _pass_config(batch, d_inner, L, d_state, chunk, bwd_chunk, block_d or BWD_BLOCK_D, BWD_STATES_PER_THREAD,
+                       segments, sm)
+    return dict(sm_count=sm, fwd=fwd, bwd=bwd)
 
 
 def _strides(t, dims=3):
@@ -214,20 +248,33 @@ def _or(t, default):
     return t if t is not None else default
 
 
+def _layout(cfg):
+    """The constexprs of a pass's state layout and its launch options."""
+    opts = dict(BLOCK_D=cfg['block_d'], W=cfg['state_groups'], NW=cfg['states_per_thread'],
+                LOG_NW=_log2(cfg['states_per_thread']), num_warps=cfg['num_warps'])
+    if MAX_REGISTERS and torch.version.hip is None and not interpreting():
+        opts['maxnreg'] = MAX_REGISTERS        # ptxas's cap (NVIDIA only): 4 warps per scheduler fit in 64K
+    return opts
+
+
+def _steps(cfg):
+    return dict(T=cfg['steps'], LOG_T=_log2(cfg['steps']))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Forward / backward implementations (shared by the real ops and their fake impls: launch=False allocates only)
 
-def _run_forward(k, cfg, u, delta, A, B, C, D, z, delta_bias, delta_softplus, out, last, states, carry,
-                 write_out):
-    """One launch of the forward kernel: from `carry` (or zero when None), chunks of cfg['chunk'] steps."""
-    batch, Di, L = u.shape
-    wrap_triton(k.scan_fwd_kernel)[(cfg['n_dblocks'], batch, cfg['segments'])](
-        u, delta, A, B, C, _or(D, u), _or(z, u), _or(delta_bias, u), out, last, states, _or(carry, u),
-        L, Di, A.shape[1], cfg['chunk'], cfg['chunks_per_segment'],
-        *u.stride(), *delta.stride(), *_strides(z), *B.stride(), *C.stride(), *out.stride(), *A.stride(),
-        HAS_CARRY=carry is not None, SAVE_STATES=states.numel() > 0, WRITE_OUT=write_out, HAS_D=D is not None,
-        HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, BLOCK_D=cfg['block_d'],
-        N_PAD=cfg['n_pad'], UNROLL=STEP_UNROLL, num_warps=cfg['num_warps'])
+def _pack_bc(B, C, pad, tail):
+    """B, C (batch, N, L) any strides and dtype -> (batch, L + tail, 2, pad) fp32 contiguous, padded states and the
+    tail rows zero."""
+    batch, N, L = B.shape
+    bc = B.new_empty((batch, L + tail, 2, pad), dtype=torch.float32)
+    if pad > N:
+        bc[:, :L, :, N:] = 0
+    bc[:, L:] = 0
+    bc[:, :L, 0, :N] = B.transpose(1, 2)
+    bc[:, :L, 1, :N] = C.transpose(1, 2)
+    return bc
 
 
 def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, bwd_chunk, segments, block_d, save_states,
@@ -236,25 +283,31 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, bwd_chu
     N = A.shape[1]
     out = torch.empty_like(u)
     last = u.new_empty((batch, Di, N), dtype=torch.float32)
-    states = u.new_empty((batch, (L + chunk - 1) // chunk if save_states else 0, Di, N), dtype=torch.float32)
+    states = u.new_empty((batch, (L + chunk - 1) // chunk if save_states else 0, Di, n_pad(N)), dtype=torch.float32)
     if not launch:
         return out, last, states
     k = _kernels(interpreting())
     cfg = launch_config(batch, Di, L, N, u.device, chunk, bwd_chunk, segments or None, block_d or None)['fwd']
-    n_seg, bd, nd = cfg['segments'], cfg['block_d'], cfg['n_dblocks']
+    n_seg, nd, pad = cfg['segments'], cfg['n_dblocks'], cfg['n_pad']
+    bc = _pack_bc(B, C, pad, bwd_chunk)
+    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+                 **_layout(cfg), **_steps(cfg))
+    args = (u, delta, A, bc, _or(D, u), _or(z, u), _or(delta_bias, u))
+    strides = (*u.stride(), *delta.stride(), *_strides(z))
     carry = None
     if n_seg > 1:
-        ends = u.new_empty((batch, n_seg, Di, N), dtype=torch.float32)
+        ends = u.new_empty((batch, n_seg, Di, pad), dtype=torch.float32)
         dtsum = u.new_empty((batch, n_seg, Di), dtype=torch.float32)
         carry = torch.empty_like(ends)
-        wrap_triton(k.scan_fwd_segment_kernel)[(nd, batch, n_seg)](
-            u, delta, A, B, _or(delta_bias, u), ends, dtsum, L, Di, N, chunk, cfg['chunks_per_segment'],
-            *u.stride(), *delta.stride(), *B.stride(), *A.stride(), HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=delta_softplus, BLOCK_D=bd, N_PAD=cfg['n_pad'], UNROLL=STEP_UNROLL, num_warps=cfg['num_warps'])
+        wrap_triton(k.scan_fwd_kernel)[(nd, batch, n_seg)](
+            *args, dtsum, ends, u, u, L, bc.shape[1], Di, N, chunk, cfg['chunks_per_segment'], *strides, 0, 0, 0,
+            HAS_CARRY=False, SAVE_STATES=False, ENDS_ONLY=True, **flags)
         wrap_triton(k.segment_carry_kernel)[(nd, batch)](
-            ends, dtsum, A, ends, carry, n_seg, Di, N, *A.stride(), 0, 0, 0,
-            HAS_INIT=False, REVERSE=False, BLOCK_D=bd, N_PAD=cfg['n_pad'], num_warps=cfg['num_warps'])
-    _run_forward(k, cfg, u, delta, A, B, C, D, z, delta_bias, delta_softplus, out, last, states, carry, True)
+            ends, dtsum, A, ends, carry, n_seg, Di, N, 0, 0, 0, HAS_INIT=False, REVERSE=False, **_layout(cfg))
+    wrap_triton(k.scan_fwd_kernel)[(nd, batch, n_seg)](
+        *args, out, last, states, _or(carry, u), L, bc.shape[1], Di, N, chunk, cfg['chunks_per_segment'], *strides,
+        *out.stride(),
+        HAS_CARRY=carry is not None, SAVE_STATES=states.numel() > 0, ENDS_ONLY=False, **flags)
     return out, last, states
 
 
@@ -273,51 +326,48 @@ def _backward(gout, glast, u, delta, A, B, C, D, z, delta_bias, states, delta_so
     if states.shape[1] != (L + chunk - 1) // chunk:
         raise RuntimeError("dim::triton_scan_bwd needs the states saved by the forward (save_states=True)")
     k = _kernels(interpreting())
-    plan = launch_config(batch, Di, L, N, u.device, chunk, bwd_chunk, segments or None, block_d or None)
-    cfg = plan['bwd']
-    n_seg, bd, nd = cfg['segments'], cfg['block_d'], cfg['n_dblocks']
+    cfg = launch_config(batch, Di, L, N, u.device, chunk, bwd_chunk, segments or None, block_d or None)['bwd']
+    n_seg, nd, pad = cfg['segments'], cfg['n_dblocks'], cfg['n_pad']
     f32 = dict(dtype=torch.float32)
-    if plan['refine']:   # states every bwd_chunk steps, from the saved ones, in parallel over the saved chunks
-        fine = u.new_empty((batch, cfg['n_chunks'], Di, N), **f32)
-        refine = dict(plan['fwd'], chunk=bwd_chunk, chunks_per_segment=chunk // bwd_chunk,
-                      segments=states.shape[1])
-        _run_forward(k, refine, u, delta, A, B, C, None, None, delta_bias, delta_softplus, u, u, fine, states,
-                     False)
-        states = fine
-    dB_part = u.new_empty((batch, nd, N, L), **f32)
-    dC_part = u.new_empty((batch, nd, N, L), **f32)
-    dA_part = u.new_empty((batch, n_seg, Di, N), **f32)
+    bc = _pack_bc(B, C, pad, bwd_chunk)
+    dBC_part = u.new_empty((batch, nd, L, 2, pad), **f32)
+    dA_part = u.new_empty((batch, n_seg, pad, Di), **f32)
     dD_part = u.new_empty((batch, n_seg, Di), **f32)
     dbias_part = u.new_empty((batch, n_seg, Di), **f32)
-    common = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-                  BLOCK_D=bd, N_PAD=cfg['n_pad'], num_warps=cfg['num_warps'])
+    flags = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, **_layout(cfg),
+                 **_steps(cfg))
     grid = (nd, batch, n_seg)
     init, init_strides, init_mode = u, (0, 0, 0), 0
     if glast is not None:
         init, init_strides, init_mode = glast, tuple(glast.stride()), 1
     if n_seg > 1:
-        nus = u.new_empty((batch, n_seg, Di, N), **f32)
+        nus = u.new_empty((batch, n_seg, Di, pad), **f32)
         dtsum = u.new_empty((batch, n_seg, Di), **f32)
         carry = torch.empty_like(nus)
         wrap_triton(k.scan_bwd_segment_kernel)[grid](
-            gout, delta, A, C, _or(z, u), _or(delta_bias, u), nus, dtsum, L, Di, N, bwd_chunk,
-            cfg['chunks_per_segment'], *gout.stride(), *delta.stride(), *_strides(z), *C.stride(), *A.stride(),
-            UNROLL=STEP_UNROLL, **common)
+            gout, delta, A, bc, _or(z, u), _or(delta_bias, u), nus, dtsum, L, bc.shape[1], Di, N, chunk,
+            cfg['chunks_per_segment'], *gout.stride(), *delta.stride(), *_strides(z), **flags)
         wrap_triton(k.segment_carry_kernel)[(nd, batch)](
-            nus, dtsum, A, init, carry, n_seg, Di, N, *A.stride(), *init_strides,
-            HAS_INIT=init_mode == 1, REVERSE=True, BLOCK_D=bd, N_PAD=cfg['n_pad'], num_warps=cfg['num_warps'])
+            nus, dtsum, A, init, carry, n_seg, Di, N, *init_strides, HAS_INIT=init_mode == 1, REVERSE=True,
+            **_layout(cfg))
         init, init_strides, init_mode = carry, (0, 0, 0), 2
+    red = min(8, cfg['block_d'])
+    entries = u.new_empty((nd * batch * n_seg, chunk // bwd_chunk, pad, cfg['block_d']), **f32)
     wrap_triton(k.scan_bwd_kernel)[grid](
-        gout, u, delta, A, B, C, _or(D, u), _or(z, u), _or(delta_bias, u), states, init,
-        du, ddelta, dz if z is not None else u, dB_part, dC_part, dA_part, dD_part, dbias_part,
-        L, Di, N, cfg['chunks_per_segment'],
-        *gout.stride(), *u.stride(), *delta.stride(), *_strides(z), *B.stride(), *C.stride(), *A.stride(),
-        *init_strides, *du.stride(), *ddelta.stride(), *_strides(dz if z is not None else None),
-        INIT=init_mode, HAS_D=D is not None, T=bwd_chunk, **common)
-    dA = dA_part.sum((0, 1)).to(A.dtype)
+        gout, u, delta, A, bc, _or(D, u), _or(z, u), _or(delta_bias, u), states, init,
+        du, ddelta, dz if z is not None else u, dBC_part, dA_part, dD_part, dbias_part, entries,
+        L, bc.shape[1], Di, N, cfg['chunks_per_segment'],
+        *gout.stride(), *u.stride(), *delta.stride(), *_strides(z), *init_strides, *du.stride(), *ddelta.stride(),
+        *_strides(dz if z is not None else None), INIT=init_mode, HAS_D=D is not None, CHUNK=chunk, RED=red,
+        LOG_RED=_log2(red), LOG_W=_log2(cfg['state_groups']), **flags)
+    dBC = dBC_part.sum(1)
+    contiguous = dict(memory_format=torch.contiguous_format, copy=True)     # views of one sum: copies, never views
+    dB = dBC[:, :, 0, :N].transpose(1, 2).to(B.dtype, **contiguous)
+    dC = dBC[:, :, 1, :N].transpose(1, 2).to(C.dtype, **contiguous)
+    dA = dA_part.sum((0, 1))[:N].t().to(A.dtype, **contiguous)
     dD = dD_part.sum((0, 1)).to(D.dtype) if D is not None else u.new_empty(0)
     dbias = dbias_part.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else u.new_empty(0)
-    return du, ddelta, dA, dB_part.sum(1).to(B.dtype), dC_part.sum(1).to(C.dtype), dD, dz, dbias
+    return du, ddelta, dA, dB, dC, dD, dz, dbias
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -350,7 +400,7 @@ if triton is not None:
                 D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
                 delta_softplus: bool, chunk: int, bwd_chunk: int, segments: int, block_d: int,
                 save_states: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> out (u's shape, dtype, layout), last state (batch, Di, N) fp32, states (batch, n_chunks or 0, Di, N).
+        """-> out (u's shape, dtype, layout), last state (batch, Di, N) fp32, states (batch, n_chunks or 0, Di, N_PAD).
         segments, block_d: 0 = the heuristic."""
         _check_device(u.device)
         return _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, bwd_chunk, segments, block_d,
@@ -410,8 +460,9 @@ def _validate(u, delta, A, B, C, D, z, delta_bias):
     if A.dim() != 2 or A.shape[0] != Di or A.is_complex() or not A.is_floating_point():
         raise ValueError(f"A must be a real (Di, N) = ({Di}, N) tensor, got {tuple(A.shape)} {A.dtype}")
     N = A.shape[1]
-    if min(batch, Di, L, N) < 1 or N > 256:
-        raise ValueError(f"the Triton scan needs batch, Di, L >= 1 and 1 <= N <= 256, got {(batch, Di, L, N)}")
+    if min(batch, Di, L, N) < 1 or N > MAX_D_STATE:
+        raise ValueError(f"the Triton scan needs batch, Di, L >= 1 and 1 <= N <= {MAX_D_STATE}, "
+                         f"got {(batch, Di, L, N)}")
     named = dict(u=(u, (batch, Di, L)), delta=(delta, (batch, Di, L)), z=(z, (batch, Di, L)),
                  B=(B, (batch, N, L)), C=(C, (batch, N, L)), D=(D, (Di,)), delta_bias=(delta_bias, (Di,)))
     for name, (t, shape) in named.items():
