@@ -7,7 +7,7 @@ occupancy, SASS per channel-step, bytes, and a static time estimate against the 
 How: a stand-in Triton driver reports GPUTarget('cuda', 90, 32); the launcher (libs/scan/triton_scan.py `_forward`,
 `_backward`) runs on meta tensors with 132 SMs, and each kernel launch it makes becomes that kernel's `warmup`
 (compile only), so every kernel is built with exactly the launcher's grid, constexprs, warps and argument
-specialisations. The inputs have the mixer's strides (libs/mamba_mixer.py): u and delta contiguous (B, Di, L); z a
+specialisations. The inputs have the mixer's strides (libs/model/mixer.py): u and delta contiguous (B, Di, L); z a
 channel-last view of in_proj's (B, L, 2 Di) output; B and C column slices of x_proj's (B, L, R + 2N) output,
 R = Di / 32; the output gradient channel-last, as out_proj's backward gives it; the last state's gradient a zero
 (B, Di, N) tensor, as autograd materialises it. ptxas -v (registers, spills), cuobjdump (resources) and nvdisasm
