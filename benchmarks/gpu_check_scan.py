@@ -8,7 +8,7 @@ scan_parity  Triton (libs/scan/triton_scan.py) and the chunked torch scan (DIM_S
 scan_speed   fwd (no grad) and fwd+bwd (gradients of all eight inputs) at the DiM shapes, bf16 inputs, N = 16:
              Triton, mamba-ssm's kernel when installed and probed, the chunked torch scan (when the budget allows);
              Triton's launch config per shape. Two rows per shape: layout 'model', the strides the mixer passes
-             (libs/mamba_mixer.py: u, delta contiguous; z a channel-last view of in_proj's output; B, C column
+             (libs/model/mixer.py: u, delta contiguous; z a channel-last view of in_proj's output; B, C column
              slices of x_proj's output; the output gradient channel-last, as out_proj's backward gives it), what
              training runs; then layout 'contiguous'. Bytes bound: each input read once, each output written
              once, at the card's measured copy bandwidth: fwd reads u, delta, z (Di-wide) and B, C (N-wide), writes out:
