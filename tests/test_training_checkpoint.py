@@ -84,7 +84,7 @@ def test_objects_weights_only_refuses_are_an_error_not_a_skip(tmp_path):
     states = _states(4)
     states['optimizer.pth'] = {'loss_scaler': NotATensor()}
     save_checkpoint(str(tmp_path), 4, states)
-    with pytest.raises(CheckpointError, match=r'4.ckpt/optimizer.pth holds objects that torch.load\(weights_only=True\) refuses'):
+    with pytest.raises(CheckpointError, match=r'4.ckpt/optimizer.pth: holds objects that torch.load\(weights_only=True\) refuses'):
         load_latest_checkpoint(str(tmp_path))
 
 

@@ -8,12 +8,15 @@ Every data set exposes `num_classes` (K; the null class is K), `kind` ('pixels' 
 """
 import inspect
 import os
+import pickle
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
+
+from libs.files import UnreadableFile, load_npz
 
 __all__ = ['get_dataset', 'check_dataset_config', 'augment_batch', 'center_crop_arr', 'DATASETS', 'RUN_KEYS']
 
@@ -111,7 +114,8 @@ class LatentFeatures(Dataset):
     """Precomputed autoencoder moments (mean | logvar, 2C x h x w) and labels, one file per item.
 
     Reads the official format `{idx}.npy.npz` (arrays `z`, `label`) and U-ViT's `{idx}.npy` (a pickled
-    (moments, label) tuple). Flipped copies are stored as extra items by the extraction script.
+    (moments, label) tuple). Flipped copies are stored as extra items by the extraction script. A file that cannot be
+    read, lacks an array, or holds moments of another shape than item 0's raises libs.files.UnreadableFile naming it.
     """
     kind, num_classes, random_flip = 'moments', 1000, False
 
@@ -123,19 +127,35 @@ class LatentFeatures(Dataset):
         self.path, self.n = path, sum(1 for f in names if f.endswith(self.suffix) and f[:-len(self.suffix)].isdigit())
         if self.n == 0 or f'0{self.suffix}' not in names:
             raise FileNotFoundError(f"no feature files ({{idx}}.npy.npz or {{idx}}.npy) in {path}")
+        self.item_shape = None
         self.item_shape = tuple(self[0][0].shape)
 
     def __len__(self):
         return self.n
 
+    def _read(self, file):
+        if self.suffix == '.npy.npz':
+            with load_npz(file) as f:
+                missing = [k for k in ('z', 'label') if k not in f]
+                if missing:
+                    raise UnreadableFile(file, f"lacks the array(s) {missing} (it has {sorted(f.files)}): not a "
+                                               "feature file of scripts/extract_features.py")
+                return f['z'], f['label']
+        try:
+            item = np.load(file, allow_pickle=True)
+        except (OSError, ValueError, EOFError, pickle.UnpicklingError) as e:
+            raise UnreadableFile(file, f"is truncated or not a U-ViT feature file ({type(e).__name__}: {e})") from None
+        if not (isinstance(item, (tuple, list)) or getattr(item, 'shape', None) == (2,)) or len(item) != 2:
+            raise UnreadableFile(file, "does not hold a (moments, label) pair: not a U-ViT feature file")
+        return item
+
     def __getitem__(self, i):
         file = os.path.join(self.path, f'{i}{self.suffix}')
-        if self.suffix == '.npy.npz':
-            with np.load(file) as f:
-                z, label = f['z'], f['label']
-        else:
-            z, label = np.load(file, allow_pickle=True)
-        return torch.from_numpy(np.asarray(z, dtype=np.float32)), torch.tensor(int(label))
+        z, label = self._read(file)
+        z = np.asarray(z, dtype=np.float32)
+        if self.item_shape is not None and z.shape != self.item_shape:
+            raise UnreadableFile(file, f"holds moments of shape {z.shape}, item 0 of {self.path} {self.item_shape}")
+        return torch.from_numpy(z), torch.tensor(int(label))
 
 
 DATASETS = {
