@@ -104,11 +104,12 @@ _PNG_SIZE_MARGIN = 1.25
 
 def check_folder_space(folder, n_images, image, npz_images=0):
     """Raise libs.files.NotEnoughSpace unless `folder` has room for `n_images` PNGs like `image` (png_array's
-    layout; the estimate is its PNG size with a 25 % margin) and for the uncompressed samples.npz of `npz_images`
-    images (0: none)."""
+    layout; the estimate is its PNG size with a 25 % margin, in whole filesystem blocks) and for the uncompressed
+    samples.npz of `npz_images` images (0: none)."""
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format='PNG')
-    need = int(n_images * buffer.tell() * _PNG_SIZE_MARGIN)
+    block = os.statvfs(folder).f_bsize
+    need = n_images * block * -(-int(buffer.tell() * _PNG_SIZE_MARGIN) // block)
     what = f'{n_images} PNG images (about {buffer.tell():,} bytes each)'
     if npz_images:
         need += npz_images * image.shape[0] * image.shape[1] * 3 + (1 << 16)

@@ -19,12 +19,12 @@ _PREFIXES = ('module.', '_orig_mod.')   # DDP and torch.compile wrappers
 
 def read_state_dict(path):
     """A plain state dict from a `.pth` file, on CPU."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder: pass the weights file inside it (e.g. {path}/nnet_ema.pth)")
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"network weights not found: {path}. The released DiM checkpoints (nnet_ema.pth) are linked "
             "from https://github.com/tyshiwo1/DiM-DiffusionMamba#checkpoints; see README 'Assets'.")
-    if os.path.isdir(path):
-        raise ValueError(f"{path} is a folder: pass the weights file inside it (e.g. {path}/nnet_ema.pth)")
     state = load_torch_file(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} is not a plain state_dict of tensors (as nnet.pth / nnet_ema.pth are)")
