@@ -141,7 +141,7 @@ def test_a_full_disk_stops_the_run_before_writing_and_keeps_the_last_checkpoint(
         assert proc.returncode == 1
         assert re.search(rf'checkpoint 4 not saved: checkpoint 4 \(all its files\) needs about [\d.]+ MB \([\d,]+ '
                          rf'bytes\) but {workdir}/ckpts has [\d.]+ KB \([\d,]+ bytes\) free: free some space '
-                         rf'\(or write elsewhere\)\. Its staging folder was removed; the earlier checkpoints in '
+                         rf'\(or write elsewhere\)\. Nothing of it is left on disk; the earlier checkpoints in '
                          rf'{workdir}/ckpts \(\[2\]\) are untouched', proc.stderr), proc.stderr[-3000:]
         assert os.listdir(workdir / 'ckpts') == ['2.ckpt']            # no staging folder left
         assert load_checkpoint(str(workdir / 'ckpts' / '2.ckpt'), FILES)['step.pth'] == 2

@@ -110,7 +110,7 @@ def _only_checkpoint_2_is_left(ckpts):
 
 
 def _not_saved(ckpts, what):
-    return (rf'^checkpoint 4 not saved: {what}\. Its staging folder was removed; the earlier checkpoints in {ckpts} '
+    return (rf'^checkpoint 4 not saved: {what}\. Nothing of it is left on disk; the earlier checkpoints in {ckpts} '
             r'\(\[2\]\) are untouched$')
 
 

@@ -13,7 +13,7 @@ process waits long for another at the barrier that precedes the atomic rename (l
 
 Before writing, the size of every process's files is summed and compared with the free space of the checkpoint
 folder (one filesystem, shared by every process of a multi-node run); a write that fails anyway on any process
-removes the staging folder on every process's behalf and raises on every process, naming the file and the OS error.
+removes the staging folder and raises on every process, naming the file and the OS error.
 Earlier checkpoints are never touched by a failed save.
 
 Resume: every process opens the newest checkpoint it can read, memory-mapped (only its own optimizer shard), the
@@ -184,14 +184,14 @@ class TrainState:
         if error is not None:
             raise self._not_saved(error)
         raise RuntimeError(f"checkpoint {self.step} not saved: process(es) {failed} could not write their files "
-                           "(their error is in their log); its staging folder was removed, earlier checkpoints are "
+                           "(their error is in their log); nothing of it is left on disk, the earlier checkpoints are "
                            "untouched")
 
     def _not_saved(self, error):
         """`error` (an OSError of the save) with what became of the checkpoints."""
         kept = [s for s, _ in list_checkpoints(self.ckpt_root)]
-        return type(error)(error.errno, f"checkpoint {self.step} not saved: {error}. Its staging folder was "
-                                        f"removed; the earlier checkpoints in {self.ckpt_root} ({kept or 'none'}) are "
+        return type(error)(error.errno, f"checkpoint {self.step} not saved: {error}. Nothing of it is left on "
+                                        f"disk; the earlier checkpoints in {self.ckpt_root} ({kept or 'none'}) are "
                                         "untouched")
 
     def prune(self, keep, protect=()):
