@@ -119,7 +119,8 @@ def test_one_and_two_processes_write_identical_images_and_scores(assets, tmp_pat
         assert f'results in {out}/results.json' in run.stderr and 'FID' in run.stderr and 'sFID' in run.stderr
         results[procs] = json.loads((out / 'results.json').read_text())
         extra = ['samples.npz'] if npz else []
-        assert sorted(os.listdir(out)) == sorted([f'{i}.png' for i in range(N)] + ['run.json', 'results.json', *extra])
+        assert sorted(os.listdir(out)) == sorted([f'{i}.png' for i in range(N)] + ['run.json', 'results.json',
+                                                                                 'run.lock', *extra])
     assert pngs(tmp_path / 'p1') == pngs(tmp_path / 'p2')
     for procs, r in results.items():
         assert math.isfinite(r['fid']) and r['fid'] > 0

@@ -127,7 +127,7 @@ class LatentFeatures(Dataset):
         self.path, self.n = path, sum(1 for f in names if f.endswith(self.suffix) and f[:-len(self.suffix)].isdigit())
         if self.n == 0 or f'0{self.suffix}' not in names:
             raise FileNotFoundError(f"no feature files ({{idx}}.npy.npz or {{idx}}.npy) in {path}")
-        self.item_shape = None
+        self.item_shape = None                      # item 0 sets the shape every other item is checked against
         self.item_shape = tuple(self[0][0].shape)
 
     def __len__(self):

@@ -84,7 +84,10 @@ class StopSignals:
         else:
             self.repeats += 1
             note = f'{name} received again: already stopping, ignored'
-        os.write(2, f'[pid {os.getpid()}] {note}\n'.encode())
+        try:
+            os.write(2, f'[pid {os.getpid()}] {note}\n'.encode())
+        except OSError:                                     # no stderr to tell: the stop goes on all the same
+            pass
 
     def __enter__(self):
         if not self.names:
