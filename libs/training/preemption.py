@@ -21,7 +21,10 @@ one of them; they agree at check points only: every config.train.log_interval st
 evaluate, where the loop already waits for the device (the loss read back) or runs collectives. There one
 all-reduce (MAX) of two integers (the signal received, if any; the main process's "time to save" from its clock)
 gives every process the same answer; the other steps exchange nothing and read nothing back, so the stop comes at
-most log_interval steps after the signal.
+most log_interval steps after the signal. Agreeing at every step would add a collective (and, on NCCL, a
+device-to-host read) to each step; a side channel such as the launcher's key-value store cannot make processes
+that run steps ahead of one another settle on one step without waiting for each other, which is what a collective
+at a step they all reach does.
 """
 import logging
 import os
