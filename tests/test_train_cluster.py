@@ -77,9 +77,10 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
     name, step, _ = STOPPED.search(out).groups()
     step = int(step)
     assert name == 'SIGTERM' and step % 2 == 0 and step < 12           # a check point: a log step (log_interval=2)
-    # both processes exited with code 75 (torchrun reports each worker's code, and exits 1 itself)
-    codes = re.findall(r'rank\s*: (\d) \(local_rank: \d\)\s*exitcode\s*: (\d+)', out)
-    assert sorted(codes) == [('0', '75'), ('1', '75')], out[-3000:]
+    # torchrun reports each worker's exit code and exits 1 itself. The first worker to exit 75 makes it end the
+    # other one with SIGTERM (-15) if that one is still tearing down, after the checkpoint was complete.
+    codes = dict(re.findall(r'rank\s*: (\d) \(local_rank: \d\)\s*exitcode\s*: (-?\d+)', out))
+    assert '75' in codes.values() and set(codes.values()) <= {'75', '-15'}, out[-3000:]
     assert checkpoint_steps(workdir)[-1] == step
     assert state(workdir, step, 'rng.pth')['world_size'] == 2
 
