@@ -70,8 +70,10 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
     run(tmp_path, tmp_path / 'straight', *STEPS, launcher=CPU_LAUNCH)
     workdir = tmp_path / 'stopped'
     proc, log = start(tmp_path, workdir, *STEPS, launcher=CPU_LAUNCH)
-    wait_until(lambda: logged_step(workdir) >= 2 and _worker(proc.pid, 1) is not None, proc)
-    _worker(proc.pid, 1).send_signal(signal.SIGTERM)   # not the main process
+    wait_until(lambda: _worker(proc.pid, 1) is not None, proc)
+    worker = _worker(proc.pid, 1)                       # not the main process
+    wait_until(lambda: logged_step(workdir) >= 2, proc)
+    worker.send_signal(signal.SIGTERM)
     proc.wait(timeout=300)
     out = log.read_text()
     name, step, _ = STOPPED.search(out).groups()
