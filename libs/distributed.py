@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ['is_distributed', 'all_gather_object', 'gather_object_on_main', 'broadcast_from_main',
-           'raise_if_any_failed']
+           'failed_ranks', 'raise_if_any_failed']
 
 
 def is_distributed():
@@ -41,16 +41,22 @@ def broadcast_from_main(obj):
     return box[0]
 
 
+def failed_ranks(error, device, group=None):
+    """Collective: the ranks whose `error` (an exception or None) is not None, on every process ([0] or [] in a
+    single process). `device`: where the default group's backend exchanges tensors (the CPU for a gloo `group`)."""
+    if not is_distributed():
+        return [0] if error is not None else []
+    flag = torch.tensor([int(error is not None)], device=torch.device('cpu') if group is not None else device)
+    flags = [torch.zeros_like(flag) for _ in range(dist.get_world_size())]
+    dist.all_gather(flags, flag, group=group)
+    return [rank for rank, f in enumerate(flags) if f.item()]
+
+
 def raise_if_any_failed(error, device, group=None):
     """Collective: every process says whether it failed (`error` is its exception or None); a failed one re-raises
     its error, the others raise too, so that none goes on to wait alone at the next collective. `device`: where the
     default group's backend exchanges tensors (the CPU for a gloo `group`)."""
-    failed = [0] if error is not None else []
-    if is_distributed():
-        flag = torch.tensor([int(error is not None)], device=torch.device('cpu') if group is not None else device)
-        flags = [torch.zeros_like(flag) for _ in range(dist.get_world_size())]
-        dist.all_gather(flags, flag, group=group)
-        failed = [rank for rank, f in enumerate(flags) if f.item()]
+    failed = failed_ranks(error, device, group)
     if error is not None:
         raise error
     if failed:

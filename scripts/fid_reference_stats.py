@@ -26,6 +26,7 @@ from tqdm import tqdm
 from libs.data.image_folder import CheckedImages, ImageFolder
 from libs.evaluation.adm_metrics import PR_REFERENCE_SIZE, save_reference
 from libs.evaluation.fid import StreamingMoments, default_weights_path, folder_loader, load_inception
+from libs.files import load_npz
 
 log = logging.getLogger("fid_reference_stats")
 
@@ -45,7 +46,7 @@ def _as_nchw(images: np.ndarray, name: str) -> np.ndarray:
 
 def npz_batches(path: str, key: str, batch_size: int):
     """(number of images, iterator of float (B,3,H,W) batches in [0,1]) of the array ``key`` of an ``.npz``."""
-    with np.load(path) as f:
+    with load_npz(path) as f:                     # an unreadable file is named with what is wrong
         if key not in f:
             raise KeyError(f"{path} has no array {key!r} (it has {sorted(f.files)}); choose one with --key")
         images = _as_nchw(f[key], f"{path}[{key}]")

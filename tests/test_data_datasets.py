@@ -8,6 +8,7 @@ from PIL import Image
 
 from libs.data.datasets import augment_batch, center_crop_arr, check_dataset_config, get_dataset
 from libs.data.image_folder import write_class_record
+from libs.files import UnreadableFile
 
 
 def test_digits_are_resized_labelled_and_in_range():
@@ -53,6 +54,30 @@ def test_feature_folders_take_their_classes_from_classes_json_and_may_have_gaps(
     assert 'the extraction has not finished' in d.notes[1][1]
     write_class_record(tmp_path, dict(num_classes=3, classes=['a', 'b', 'c'], items=4, skipped=['x.jpg: cut']))
     assert len(get_dataset('features', path=str(tmp_path)).notes) == 1
+
+
+@pytest.mark.parametrize('fmt', ['official', 'uvit'])
+def test_unreadable_feature_files_are_named(tmp_path, fmt):
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        z = rng.standard_normal((8, 4, 4) if i != 3 else (8, 2, 2)).astype(np.float32)
+        if fmt == 'official':
+            np.savez(tmp_path / f'{i}.npy', **({'z': z, 'label': np.int64(i)} if i != 2 else {'moments': z}))
+        else:
+            np.save(tmp_path / f'{i}.npy', np.array((z, i), dtype=object) if i != 2 else z, allow_pickle=True)
+    suffix = '.npy.npz' if fmt == 'official' else '.npy'
+    d = get_dataset('imagenet256_features', path=str(tmp_path))
+    whole = (tmp_path / f'1{suffix}').read_bytes()
+    (tmp_path / f'1{suffix}').write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(UnreadableFile, match=rf'^{tmp_path}/1{suffix}: is truncated'):
+        d[1]
+    lacks = r"lacks the array\(s\) \['z', 'label'\] \(it has \['moments'\]\)" if fmt == 'official' else \
+        r'does not hold a \(moments, label\) pair'
+    with pytest.raises(UnreadableFile, match=rf'^{tmp_path}/2{suffix}: {lacks}'):
+        d[2]
+    with pytest.raises(UnreadableFile, match=rf'^{tmp_path}/3{suffix}: holds moments of shape \(8, 2, 2\), item 0 of '
+                                             rf'{tmp_path} \(8, 4, 4\)'):
+        d[3]
 
 
 def test_raw_imagenet_folder(tmp_path):

@@ -20,7 +20,9 @@ from libs.evaluation.adm_metrics import load_reference, sample_metrics, save_ref
 from libs.config import load_config
 from libs.evaluation.evaluate import default_output_dir
 from libs.evaluation.fid import FEATURE_DIMS, load_inception
+from libs.files import FolderInUse, NotEnoughSpace, UnreadableFile
 from libs.sampling import SamplingSpec
+from small_disk import fill, tmpfs
 from tiny_assets import write_config, write_scoring_assets
 
 SCRIPT = str(ROOT / 'eval_ldm_discrete.py')
@@ -117,7 +119,8 @@ def test_one_and_two_processes_write_identical_images_and_scores(assets, tmp_pat
         assert f'results in {out}/results.json' in run.stderr and 'FID' in run.stderr and 'sFID' in run.stderr
         results[procs] = json.loads((out / 'results.json').read_text())
         extra = ['samples.npz'] if npz else []
-        assert sorted(os.listdir(out)) == sorted([f'{i}.png' for i in range(N)] + ['run.json', 'results.json', *extra])
+        assert sorted(os.listdir(out)) == sorted([f'{i}.png' for i in range(N)] + ['run.json', 'results.json',
+                                                                                 'run.lock', *extra])
     assert pngs(tmp_path / 'p1') == pngs(tmp_path / 'p2')
     for procs, r in results.items():
         assert math.isfinite(r['fid']) and r['fid'] > 0
@@ -328,3 +331,55 @@ def test_unknown_compile_mode_is_refused_before_sampling(assets, tmp_path):
     with pytest.raises(ValueError, match="config.compile must be one of 'none', 'default'"):
         run_in_process(assets, tmp_path / 'out', config)
     assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('which, damage, problem', [
+    ('nnet', lambda b: b[:len(b) // 2], r'is truncated \([\d,]+ bytes; the end of its zip archive is missing\)'),
+    ('nnet', lambda b: b'<html>not found</html>', r"is not a torch file \(it starts with b'<html>no'"),
+    ('stats', lambda b: b[:len(b) // 3], r'is truncated \([\d,]+ bytes; the end of its zip archive is missing\)'),
+], ids=['truncated weights', 'foreign weights', 'truncated statistics'])
+def test_unreadable_inputs_are_named_before_sampling(assets, tmp_path, which, damage, problem):
+    source = assets['nnet'] if which == 'nnet' else assets['stats']
+    copy = tmp_path / os.path.basename(source)
+    copy.write_bytes(damage(open(source, 'rb').read()))
+    config = tiny_config(assets)
+    if which == 'stats':
+        config.dataset.fid_stat = str(copy)
+    with pytest.raises(UnreadableFile, match=f'^{copy}: {problem}'):
+        run_in_process(assets, tmp_path / 'out', config, nnet=str(copy) if which == 'nnet' else None)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_a_second_evaluation_into_a_busy_folder_is_refused(assets, tmp_path, fast_fid):
+    out = tmp_path / 'out'
+    holder = subprocess.Popen([sys.executable, '-c', f'import sys, time; sys.path.insert(0, {str(ROOT)!r}); '
+                               f'from libs.files import FolderLock; FolderLock({str(out)!r}, "evaluation run").acquire(); '
+                               'print("held", flush=True); time.sleep(600)'], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'held'
+        with pytest.raises(FolderInUse, match=rf'{out} is in use by a evaluation run on host .*, pid {holder.pid}'):
+            run_in_process(assets, out)
+        assert os.listdir(out) == ['run.lock']
+    finally:
+        holder.kill()
+        holder.wait()
+    run_in_process(assets, out)                                  # free again once its holder has gone
+
+
+def test_an_output_folder_without_room_is_refused_and_a_failed_write_named(assets, tmp_path, fast_fid, monkeypatch):
+    with tmpfs(tmp_path / 'disk', 256 << 10) as disk:
+        out = disk / 'out'
+        out.mkdir()
+        fill(disk, leave=12 << 10)                                # room for run.lock, run.json and one PNG
+        with pytest.raises(NotEnoughSpace, match=rf'^{N} PNG images \(about \d+ bytes each\) needs about .* but {out} '
+                                                 r'has 4.1 KB \(4,096 bytes\) free'):
+            run_in_process(assets, out)
+        assert sorted(os.listdir(out)) == ['run.json', 'run.lock']
+        os.remove(disk / 'filler')
+        check = libs.evaluation.evaluate.check_folder_space
+        monkeypatch.setattr(libs.evaluation.evaluate, 'check_folder_space',      # the disk fills after the check
+                            lambda *args: (check(*args), fill(disk, leave=0)))
+        with pytest.raises(RuntimeError, match=rf'writing sample PNGs failed: cannot write {out}/0\.png: No space left '
+                                               rf'on device \(the filesystem is full; 0 bytes free in {out}\)'):
+            run_in_process(assets, out)
+        assert sorted(os.listdir(out)) == ['run.json', 'run.lock']           # no half-written PNG

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import libs.evaluation.adm_metrics as am
+from libs.files import UnreadableFile
 from libs.evaluation.adm_metrics import (Reference, inception_score, knn_radii, load_reference, precision_recall,
                               sample_metrics, save_reference)
 from libs.evaluation.fid import activation_statistics, frechet_distance
@@ -167,3 +168,7 @@ def test_reference_files(tmp_path):
         np.savez(tmp_path / "bad.npz", **{k: v for k, v in bad.items() if v is not None})
         with pytest.raises(ValueError, match=match):
             load_reference(str(tmp_path / "bad.npz"))
+    whole = path.read_bytes()
+    path.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(UnreadableFile, match=f"^{path}: is truncated"):
+        load_reference(str(path))

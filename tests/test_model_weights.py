@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from libs import get_nnet
+from libs.files import UnreadableFile
 from libs.model.weights import load_nnet_weights
 
 TINY = dict(name='Mamba_DiT_H_2', attention_head_dim=32, num_layers=3, num_embeds_ada_norm=5)
@@ -88,3 +89,15 @@ def test_non_state_dict_files_are_rejected(tmp_path):
     torch.save({'step': 3, 'nnet': {}}, path)
     with pytest.raises(ValueError, match='not a plain state_dict'):
         get_nnet(**TINY, sample_size=8, pretrained_path=str(path))
+
+
+def test_unreadable_weight_files_are_named(tmp_path):
+    path = tmp_path / 'nnet_ema.pth'
+    torch.save(get_nnet(**TINY, sample_size=8).state_dict(), path)
+    whole = path.read_bytes()
+    path.write_bytes(whole[:len(whole) - 100])
+    with pytest.raises(UnreadableFile, match=rf'^{path}: is truncated \([\d,]+ bytes; the end of its zip archive is '
+                                             r'missing\)'):
+        get_nnet(**TINY, sample_size=8, pretrained_path=str(path))
+    with pytest.raises(ValueError, match=rf'{tmp_path} is a folder: pass the weights file inside it'):
+        get_nnet(**TINY, sample_size=8, pretrained_path=str(tmp_path))

@@ -4,9 +4,9 @@ import os
 import pytest
 import torch
 
-from libs.training.checkpoint import (FILES, CheckpointError, DamagedCheckpoint, commit, latest_resumable, list_checkpoints,
-                             load_checkpoint, load_latest_checkpoint, read_file, save_checkpoint, staging_dir,
-                             write_files)
+from libs.training.checkpoint import (FILES, CheckpointError, DamagedCheckpoint, checkpoint_bytes, commit,
+                                     latest_resumable, list_checkpoints, load_checkpoint, load_latest_checkpoint,
+                                     read_file, save_checkpoint, staging_dir, write_files)
 
 
 class NotATensor:
@@ -63,12 +63,29 @@ def test_unfinished_and_corrupt_folders_are_skipped(tmp_path, caplog):
     assert not (tmp_path / '.tmp-8-999').exists()                                # cleaned by the next save
 
 
-def test_a_truncated_file_is_damage(tmp_path):
+def test_a_truncated_empty_or_foreign_file_is_damage_named_with_its_problem(tmp_path):
     save_checkpoint(str(tmp_path), 2, _states(2))
     path = tmp_path / '2.ckpt' / 'nnet.pth'
     path.write_bytes(path.read_bytes()[:40])
-    with pytest.raises(DamagedCheckpoint, match='nnet.pth'):
+    with pytest.raises(DamagedCheckpoint, match=rf'^{path}: is truncated \(40 bytes; the end of its zip archive is '
+                                                r'missing\)'):
         read_file(str(tmp_path / '2.ckpt'), 'nnet.pth')
+    path.write_bytes(b'')
+    with pytest.raises(DamagedCheckpoint, match=rf'^{path}: is empty \(0 bytes\), not a torch file'):
+        read_file(str(tmp_path / '2.ckpt'), 'nnet.pth')
+    path.unlink()
+    with pytest.raises(DamagedCheckpoint, match=rf'^{path}: missing'):
+        read_file(str(tmp_path / '2.ckpt'), 'nnet.pth')
+
+
+def test_the_size_estimate_bounds_what_torch_save_writes(tmp_path):
+    weights = {f'layer{i}.weight': torch.randn(16 + i, 8) for i in range(40)}
+    big = torch.randn(1000, 100)
+    states = {'nnet.pth': weights, 'views.pth': {'a': big[:10], 'b': big[10:]}, 'step.pth': 7}
+    write_files(str(tmp_path), states)
+    written = sum(os.path.getsize(tmp_path / name) for name in states)
+    assert written <= checkpoint_bytes(states) <= 1.5 * written + len(states) * (16 << 10)
+    assert checkpoint_bytes({'views.pth': states['views.pth']}) < big.nbytes + 20_000   # a shared storage counts once
 
 
 def test_checkpoints_of_which_none_loads_stop_the_run(tmp_path):
@@ -84,7 +101,7 @@ def test_objects_weights_only_refuses_are_an_error_not_a_skip(tmp_path):
     states = _states(4)
     states['optimizer.pth'] = {'loss_scaler': NotATensor()}
     save_checkpoint(str(tmp_path), 4, states)
-    with pytest.raises(CheckpointError, match=r'4.ckpt/optimizer.pth holds objects that torch.load\(weights_only=True\) refuses'):
+    with pytest.raises(CheckpointError, match=r'4.ckpt/optimizer.pth: holds objects that torch.load\(weights_only=True\) refuses'):
         load_latest_checkpoint(str(tmp_path))
 
 

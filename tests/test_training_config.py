@@ -33,6 +33,9 @@ def _digits():
     ('train.fid_interval', 900, 'config.train.fid_interval=900 must be a multiple of config.train.save_interval=600'),
     ('train.prefetch_factor', 0, 'config.train.prefetch_factor=0: must be an integer >= 1'),
     ('train.pin_memory', 'yes', "config.train.pin_memory='yes': must be True or False"),
+    ('train.save_every_minutes', -5.0, 'config.train.save_every_minutes=-5.0: must be a number of minutes >= 0'),
+    ('train.stop_signals', ('SIGTERM', 'SIGKILL'), "config.train.stop_signals=('SIGTERM', 'SIGKILL'): must be a list of "
+                                                  'signal names among SIGTERM, SIGINT, SIGUSR1, SIGUSR2, SIGHUP, SIGQUIT'),
     ('sample.intermediate_n_samples', 1, 'config.sample.intermediate_n_samples=1: must be an integer >= 2'),
     ('sample.n_samples', 0, 'config.sample.n_samples=0'),
     ('sample.inception_path', 3, 'config.sample.inception_path=3: must be a file path'),

@@ -1,20 +1,29 @@
 """TrainState, TrainData and TrainStep in one process: a step draws only from the run's own generators, the
-autoencoder's posterior samples come from the device generator, save and resume restore everything, and a
-checkpoint of another launch stops the run."""
+autoencoder's posterior samples come from the device generator, save and resume restore everything, a checkpoint
+of another launch stops the run, and a save that does not fit or fails (full tmpfs where the test may mount one,
+simulated ENOSPC, read-only filesystem) leaves the earlier checkpoints as they were."""
+import contextlib
+import errno
+import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+import libs.training.checkpoint
+import libs.training.state
+
 from conftest import ROOT
 from libs.data.autoencoder import FrozenAutoencoder
-from libs.training.checkpoint import CheckpointError
+from libs.files import check_free_space
+from libs.training.checkpoint import CheckpointError, load_checkpoint
 from libs.config import load_config
 from libs.training.data import TrainData
 from libs.training.launch import make_accelerator
 from libs.training.rng import RunRNG
 from libs.training.state import TrainState
 from libs.training.step import TrainStep
+from small_disk import fill, remount_read_only, simulate_full_disk, tmpfs
 
 
 @pytest.fixture(scope='module')
@@ -93,3 +102,60 @@ def test_the_network_recomputes_as_config_recompute_says(setup, tmp_path):
         chosen[mode] = TrainState(config, acc, str(tmp_path / mode)).nnet.recompute
     config.recompute = 'auto'
     assert chosen == {'on': True, 'off': False, 'auto': False}      # the tiny digits network fits in memory
+
+
+
+def _state_at_step_4_with_checkpoint_2(config, acc, data, ckpts):
+    os.makedirs(ckpts)
+    state, _ = _run(config, acc, data, ckpts, 2)
+    state.save()
+    step, batches = TrainStep(config, acc, state, data), iter(data.loader(0, 1, 2))
+    step(batches), step(batches)
+    return state
+
+
+def _only_checkpoint_2_is_left(ckpts):
+    assert os.listdir(ckpts) == ['2.ckpt']                                  # the staging folder is gone
+    assert load_checkpoint(os.path.join(ckpts, '2.ckpt'))['step.pth'] == 2  # the earlier checkpoint intact
+
+
+def _not_saved(ckpts, what):
+    return (rf'^checkpoint 4 not saved: {what}\. Nothing of it is left on disk; the earlier checkpoints in {ckpts} '
+            r'\(\[2\]\) are untouched$')
+
+
+@pytest.mark.parametrize('disk', ['full tmpfs', 'simulated', 'read-only tmpfs'])
+def test_a_write_that_fails_removes_the_partial_checkpoint_and_names_the_file(setup, tmp_path, monkeypatch, disk):
+    config, acc, data = setup
+    with contextlib.ExitStack() as stack:
+        root = stack.enter_context(tmpfs(tmp_path / 'disk', 4 << 20)) if 'tmpfs' in disk else tmp_path
+        ckpts = os.path.join(root, 'ckpts')
+        state = _state_at_step_4_with_checkpoint_2(config, acc, data, ckpts)
+        staging = rf'{ckpts}/\.tmp-4-\w+'
+        problem = (rf'cannot write {staging}/nnet\.pth: No space left on device \(the filesystem is full; .* free in '
+                   rf'{staging}\)')
+        if disk == 'full tmpfs':                        # a real full disk: filled up after the free-space check
+            monkeypatch.setattr(libs.training.state, 'check_free_space',
+                                lambda *args: (check_free_space(*args), fill(root, leave=0)))
+        elif disk == 'simulated':                       # writes fail with ENOSPC past 100 kB
+            simulate_full_disk(monkeypatch, libs.training.checkpoint, 100_000)
+        else:
+            remount_read_only(root)
+            problem = rf'cannot write {staging}: Read-only file system \(the filesystem is read-only\)'
+        with pytest.raises(OSError, match=_not_saved(ckpts, problem)):
+            state.save()
+        _only_checkpoint_2_is_left(ckpts)
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_before_writing(setup, tmp_path):
+    config, acc, data = setup
+    with tmpfs(tmp_path / 'disk', 1600 << 10) as root:
+        ckpts = os.path.join(root, 'ckpts')
+        state = _state_at_step_4_with_checkpoint_2(config, acc, data, ckpts)
+        free = os.statvfs(ckpts).f_bavail * os.statvfs(ckpts).f_frsize
+        with pytest.raises(OSError, match=_not_saved(ckpts, rf'checkpoint 4 \(all its files\) needs about .* MB '
+                                                            rf'\([\d,]+ bytes\) but {ckpts} has .* \({free:,} bytes\) '
+                                                            r'free: free some space \(or write elsewhere\)')) as raised:
+            state.save()
+        assert raised.value.errno == errno.ENOSPC
+        _only_checkpoint_2_is_left(ckpts)

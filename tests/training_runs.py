@@ -67,20 +67,48 @@ def run(tmp_path, workdir, *args, launcher=(sys.executable,), check=True, timeou
     return proc
 
 
+def start(tmp_path, workdir, *args, launcher=(sys.executable,), use_cpu=True, base=TINY, session=False):
+    """Start the training script in the background, its output into a log file; (process, log path). `session`:
+    in a session (and process group) of its own, as a cluster job."""
+    log_path = tmp_path / f'{os.path.basename(workdir)}-{time.time():.0f}.log'
+    with open(log_path, 'w') as log:
+        proc = subprocess.Popen(command(workdir, *args, launcher=launcher, base=base), env=env(tmp_path, use_cpu),
+                                cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=session)
+    return proc, log_path
+
+
+def wait_until(condition, proc, timeout=600):
+    """Poll `condition()` until it holds; fails if the process ends first or the time runs out."""
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f'the run ended (exit code {proc.returncode}) before the awaited state'
+        assert time.time() < deadline, 'timed out'
+        time.sleep(0.02)
+
+
+def checkpoint_steps(workdir):
+    return sorted(int(p.split('.')[0]) for p in os.listdir(workdir / 'ckpts') if p.endswith('.ckpt'))
+
+
+def logged_step(workdir):
+    """The last step with a loss record in log.jsonl (0 before the first)."""
+    try:
+        return max([r['step'] for r in records(workdir) if 'loss' in r], default=0)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
 def run_and_kill_after(tmp_path, workdir, step, *args, launcher=(sys.executable,), use_cpu=True, timeout=600,
                        base=TINY):
     """Start a run, SIGKILL it and every process it started as soon as checkpoint `step` exists; the steps of the
     checkpoints it left."""
-    log = open(tmp_path / f'{os.path.basename(workdir)}-killed.log', 'w')
-    proc = subprocess.Popen(command(workdir, *args, launcher=launcher, base=base), env=env(tmp_path, use_cpu),
-                            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    proc, _ = start(tmp_path, workdir, *args, launcher=launcher, use_cpu=use_cpu, base=base)
     deadline = time.time() + timeout
     while not (workdir / 'ckpts' / f'{step}.ckpt').exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     kill_tree(proc.pid)
     proc.wait()
-    log.close()
-    return sorted(int(p.split('.')[0]) for p in os.listdir(workdir / 'ckpts') if p.endswith('.ckpt'))
+    return checkpoint_steps(workdir)
 
 
 def kill_tree(pid):

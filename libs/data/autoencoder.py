@@ -14,6 +14,8 @@ import torch.nn as nn
 from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
+from libs.files import load_torch_file
+
 SCALE_FACTOR = 0.18215
 SOURCE_HINT = (
     "The KL-f8 autoencoder files (autoencoder_kl_ema.pth, autoencoder_kl.pth) are in the stable-diffusion/ folder "
@@ -149,7 +151,7 @@ def _load_vae(path: str, scale_factor: float) -> AutoencoderKL:
         return AutoencoderKL.from_pretrained(path, local_files_only=True)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"VAE checkpoint not found: {path}. {SOURCE_HINT}")
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    state_dict = load_torch_file(path)
     if not isinstance(state_dict, Mapping) or not all(torch.is_tensor(v) for v in state_dict.values()):
         raise ValueError(f"{path} does not hold a bare state dict (name -> tensor) of an LDM KL autoencoder")
     return vae_from_ldm_state_dict(state_dict, scale_factor, name=path)

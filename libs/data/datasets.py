@@ -10,6 +10,7 @@ folders with a classes.json) also give `record()` (their classes.json record) an
 import inspect
 import logging
 import os
+import pickle
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from libs.data.image_folder import CLASSES_FILE, ImageFolder, center_crop_arr, read_class_record, to_signed
+from libs.files import UnreadableFile, load_npz
 
 __all__ = ['get_dataset', 'check_dataset_config', 'augment_batch', 'center_crop_arr', 'DATASETS', 'RUN_KEYS']
 
@@ -107,7 +109,8 @@ class LatentFeatures(Dataset):
     (moments, label) tuple). Flipped copies are stored as extra items by the extraction script. Item k is the k-th
     smallest index present (indices of images the extraction skipped are missing). The class count K and the class
     names come from the folder's classes.json (written by scripts/extract_features.py); without it, K = 1000 and
-    the names are unknown (ImageNet's official features).
+    the names are unknown (ImageNet's official features). A file that cannot be read, lacks an array, or holds
+    moments of another shape than item 0's raises libs.files.UnreadableFile naming it.
     """
     kind, random_flip = 'moments', False
     IMAGENET_CLASSES = 1000
@@ -129,6 +132,7 @@ class LatentFeatures(Dataset):
             record = read_class_record(path)
             self.num_classes, self.class_names = record['num_classes'], record['classes']
             self.notes = _feature_notes(path, record, self.n)
+        self.item_shape = None                      # item 0 sets the shape every other item is checked against
         self.item_shape = tuple(self[0][0].shape)
 
     def __len__(self):
@@ -140,15 +144,30 @@ class LatentFeatures(Dataset):
             return None
         return dict(num_classes=self.num_classes, classes=self.class_names, source=os.path.abspath(self.path))
 
+    def _read(self, file):
+        if self.suffix == '.npy.npz':
+            with load_npz(file) as f:
+                missing = [k for k in ('z', 'label') if k not in f]
+                if missing:
+                    raise UnreadableFile(file, f"lacks the array(s) {missing} (it has {sorted(f.files)}): not a "
+                                               "feature file of scripts/extract_features.py")
+                return f['z'], f['label']
+        try:
+            item = np.load(file, allow_pickle=True)
+        except (OSError, ValueError, EOFError, pickle.UnpicklingError) as e:
+            raise UnreadableFile(file, f"is truncated or not a U-ViT feature file ({type(e).__name__}: {e})") from None
+        if not (isinstance(item, (tuple, list)) or getattr(item, 'shape', None) == (2,)) or len(item) != 2:
+            raise UnreadableFile(file, "does not hold a (moments, label) pair: not a U-ViT feature file")
+        return item
+
     def __getitem__(self, i):
         index = i if self.indices is None else int(self.indices[i])
         file = os.path.join(self.path, f'{index}{self.suffix}')
-        if self.suffix == '.npy.npz':
-            with np.load(file) as f:
-                z, label = f['z'], f['label']
-        else:
-            z, label = np.load(file, allow_pickle=True)
-        return torch.from_numpy(np.asarray(z, dtype=np.float32)), torch.tensor(int(label))
+        z, label = self._read(file)
+        z = np.asarray(z, dtype=np.float32)
+        if self.item_shape is not None and z.shape != self.item_shape:
+            raise UnreadableFile(file, f"holds moments of shape {z.shape}, item 0 of {self.path} {self.item_shape}")
+        return torch.from_numpy(z), torch.tensor(int(label))
 
 
 def _feature_notes(path, record, n):

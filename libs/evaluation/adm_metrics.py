@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from scipy.special import log_softmax, logsumexp
 
+from libs.files import load_npz
+
 from .fid import FEATURE_DIMS, STATS_SOURCE_HINT, activation_statistics, frechet_distance
 
 __all__ = ['IS_SPLIT_SIZE', 'PR_NEIGHBOURS', 'PR_REFERENCE_SIZE', 'Reference', 'load_reference', 'save_reference',
@@ -58,10 +60,11 @@ def _check_shape(path, name, array, shape):
 
 
 def load_reference(path: str) -> Reference:
-    """The reference file at ``path``: mu/sigma required, the other arrays read when present."""
+    """The reference file at ``path``: mu/sigma required, the other arrays read when present. A file numpy cannot
+    read raises libs.files.UnreadableFile naming it (truncated, not an .npz archive)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"FID reference statistics not found: {path}. {STATS_SOURCE_HINT}")
-    with np.load(path) as f:
+    with load_npz(path) as f:
         if "mu" not in f or "sigma" not in f:
             raise ValueError(f"{path} lacks 'mu'/'sigma' arrays (it has {sorted(f.files)})")
         ref = Reference(path, f["mu"].astype(np.float64), f["sigma"].astype(np.float64))

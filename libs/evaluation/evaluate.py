@@ -14,6 +14,11 @@ Every process scores its own share: the Inception features of the images it samp
 uint8 pixels its PNG writer thread stores) and of the already-written batches dealt to it (read back); the features
 are gathered by sample index and every process computes the same metrics, so the scores do not depend on the
 process count and no process waits alone while another scores.
+
+The main process holds the folder's lock (libs.files.FolderLock, `run.lock`) for the whole run: a second evaluation
+into the same folder stops at once, naming the first. With the first sampled batch, every process checks that the
+folder has room for the images still to write (and samples.npz); a write that fails anyway names the file and the OS
+error.
 """
 import contextlib
 import json
@@ -34,10 +39,10 @@ from libs.distributed import raise_if_any_failed
 from libs.evaluation.adm_metrics import load_reference
 from libs.evaluation.digits_report import write_digits_report
 from libs.evaluation.fid import load_inception
-from libs.evaluation.sample_files import (NPZ_NAME, PngWriter, image_names, png_array, prepare_output_dir, read_png,
-                                          write_adm_npz)
+from libs.evaluation.sample_files import (NPZ_NAME, PngWriter, check_folder_space, image_names, png_array,
+                                          prepare_output_dir, read_png, write_adm_npz)
 from libs.evaluation.sample_scorer import SampleScorer, to_uint8
-from libs.files import FileChecks, file_sha256, write_json
+from libs.files import FileChecks, FolderLock, file_sha256, write_json
 from libs.config import check_top_level_keys
 from libs.model.compile import check_compile_mode, compile_network
 from libs.model.weights import load_network
@@ -92,9 +97,10 @@ def _scoring_batch(images, indices, done, folder):
 
 
 def _load_inputs(accelerator, config, spec, nnet_path, folder, inception_path, overwrite, name):
-    """(metric, metric assets, network, autoencoder), loaded on every process before any sampling (all missing
-    files reported together); the main process prepares the output folder."""
+    """(metric, metric assets, network, autoencoder, lock), loaded on every process before any sampling (all missing
+    files reported together); the main process takes the output folder's lock and prepares the folder."""
     error = metric = assets = nnet = autoencoder = None
+    lock = FolderLock(folder, 'evaluation run')
     try:
         load = FileChecks()
         metric, assets = metric_files(config, inception_path, accelerator.device, load)
@@ -109,11 +115,13 @@ def _load_inputs(accelerator, config, spec, nnet_path, folder, inception_path, o
                        autoencoder=config.autoencoder.pretrained_path if autoencoder is not None else None,
                        mixed_precision=accelerator.mixed_precision, n_samples=int(config.sample.n_samples),
                        **spec.record())
+            lock.acquire()
             prepare_output_dir(folder, run, overwrite)
     except Exception as e:
         error = e
+        lock.release()
     raise_if_any_failed(error, accelerator.device)
-    return metric, assets, nnet, autoencoder
+    return metric, assets, nnet, autoencoder, lock
 
 
 def _check(accelerator, config):
@@ -130,17 +138,22 @@ def _check(accelerator, config):
     return spec, n, compile_mode
 
 
-def _write_and_score(nnet, spec, folder, batches, done, scorer, autoencoder, autocast, accelerator):
+def _write_and_score(nnet, spec, folder, batches, done, scorer, autoencoder, autocast, accelerator, npz_images):
     """Sample this process's share of the pending batches, write their missing PNGs and score them; then score its
-    share of the complete batches from their files. Returns the sampling time (s)."""
+    share of the complete batches from their files. With the first batch, the folder's free space is checked for
+    every image still to write and `npz_images` images of samples.npz. Returns the sampling time (s)."""
     rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     pending = [b for b in batches if not all(i in done for i in b)]
     complete = [b for b in batches if all(i in done for i in b)]
+    to_write = sum(i not in done for b in pending for i in b)
     start = time.time()
     with PngWriter(max_pending=4 * spec.mini_batch_size) as writer:
         for indices, images in sample_batches(nnet, spec, pending[rank::world], autoencoder=autoencoder,
                                               autocast=autocast, progress=dict(desc='sample', disable=not is_main)):
             images = to_uint8(images)
+            if to_write:                                # the first batch: is there room for them all?
+                check_folder_space(folder, to_write, png_array(images[0]), npz_images)
+                to_write = 0
             for i, image in zip(indices, images):
                 if i not in done:
                     writer.put(png_array(image), os.path.join(folder, f'{i}.png'))
@@ -166,8 +179,21 @@ def run_evaluation(accelerator, config, nnet_path, output_dir=None, inception_pa
     inception_path = inception_path or config.sample.get('inception_path') or None
     world = accelerator.num_processes
     npz_group = dist.new_group(backend='gloo', timeout=NPZ_BARRIER_TIMEOUT) if npz and world > 1 else None
-    metric, assets, nnet, autoencoder = _load_inputs(accelerator, config, spec, nnet_path, folder, inception_path,
-                                                     overwrite, name)
+    metric, assets, nnet, autoencoder, lock = _load_inputs(accelerator, config, spec, nnet_path, folder,
+                                                           inception_path, overwrite, name)
+    try:
+        return _sample_and_score(accelerator, config, spec, folder, nnet, (metric, assets, autoencoder), nnet_path,
+                                 dict(n=n, compile_mode=compile_mode, npz=npz, npz_group=npz_group, start=start,
+                                      network_autocast=network_autocast))
+    finally:
+        lock.release()
+
+
+def _sample_and_score(accelerator, config, spec, folder, nnet, inputs, nnet_path, run):
+    """run_evaluation once its `inputs` (metric, metric assets, autoencoder) are loaded and the folder is locked;
+    `run`: its settings (n, compile_mode, npz, npz_group, start, network_autocast)."""
+    (metric, assets, autoencoder), world, n = inputs, accelerator.num_processes, run['n']
+    compile_mode, npz, npz_group, start = run['compile_mode'], run['npz'], run['npz_group'], run['start']
     done, batches = set(image_names(folder)[0]), spec.index_batches(n)
     to_write = sum(i not in done for i in range(n))
     accelerator.wait_for_everyone()                  # every process has listed the folder before any writes
@@ -182,7 +208,8 @@ def run_evaluation(accelerator, config, nnet_path, output_dir=None, inception_pa
     sampling_time, error = 0.0, None
     try:
         sampling_time = _write_and_score(nnet, spec, folder, batches, done, scorer, autoencoder,
-                                         network_autocast or contextlib.nullcontext, accelerator)
+                                         run['network_autocast'] or contextlib.nullcontext, accelerator,
+                                         n if npz else 0)
     except Exception as e:
         error = e
     raise_if_any_failed(error, accelerator.device)   # every PNG of every process is written from here on

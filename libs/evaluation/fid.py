@@ -24,6 +24,8 @@ from scipy import linalg
 from scipy.linalg import lapack
 from torchvision.transforms.functional import to_tensor
 
+from libs.files import load_torch_file
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -148,7 +150,7 @@ def load_inception(path: str | None = None, device: torch.device | str | None = 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"FID Inception weights not found: {path}. Download {FID_WEIGHTS_URL} "
                                 f"(about 96 MB) to that path, or pass the location of your copy")
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    state_dict = load_torch_file(path)
     try:
         model = FIDInception(state_dict)
     except RuntimeError as e:

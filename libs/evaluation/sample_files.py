@@ -1,8 +1,10 @@
 """The sample folder of eval_ldm_discrete.py: `{i}.png` written atomically from a worker thread and read back as
-uint8, the run.json guard against mixing runs, and the ``.npz`` that ADM's TensorFlow evaluator (guided-diffusion
-``evaluations/evaluator.py``) reads."""
+uint8, the run.json guard against mixing runs, the free-space estimate of the images still to write, and the ``.npz``
+that ADM's TensorFlow evaluator (guided-diffusion ``evaluations/evaluator.py``) reads. A failed write removes its
+temporary file and raises libs.files.WriteError naming the file and the OS error."""
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -16,12 +18,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from libs.files import write_json
+from libs.files import check_free_space, writing, write_json
 
 from .fid import IMAGE_EXTENSIONS
 
 __all__ = ['NPZ_NAME', 'image_names', 'prepare_output_dir', 'png_array', 'write_png', 'read_png',
-           'PngWriter', 'write_adm_npz']
+           'PngWriter', 'write_adm_npz', 'check_folder_space']
 
 _PNG = re.compile(r'^(0|[1-9]\d*)\.png$')
 _TMP = re.compile(r'^\.(\d+\.png|samples\.npz)\.\d+\.tmp$')
@@ -91,8 +93,28 @@ def write_png(array: np.ndarray, path: str) -> None:
     """Write ``array`` (png_array's layout) to ``path`` as a PNG, atomically (``.{name}.{pid}.tmp``, then rename)."""
     folder, name = os.path.split(path)
     tmp = os.path.join(folder, f'.{name}.{os.getpid()}.tmp')
-    Image.fromarray(array).save(tmp, format='PNG')
-    os.replace(tmp, path)
+    with writing(path, cleanup=[tmp]):
+        Image.fromarray(array).save(tmp, format='PNG')
+        os.replace(tmp, path)
+
+
+# PNG sizes vary from image to image; the estimate from one image is given this margin.
+_PNG_SIZE_MARGIN = 1.25
+
+
+def check_folder_space(folder, n_images, image, npz_images=0):
+    """Raise libs.files.NotEnoughSpace unless `folder` has room for `n_images` PNGs like `image` (png_array's
+    layout; the estimate is its PNG size with a 25 % margin, in whole filesystem blocks) and for the uncompressed
+    samples.npz of `npz_images` images (0: none)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format='PNG')
+    block = os.statvfs(folder).f_bsize
+    need = n_images * block * -(-int(buffer.tell() * _PNG_SIZE_MARGIN) // block)
+    what = f'{n_images} PNG images (about {buffer.tell():,} bytes each)'
+    if npz_images:
+        need += npz_images * image.shape[0] * image.shape[1] * 3 + (1 << 16)
+        what += f' and the {NPZ_NAME} of {npz_images} images'
+    check_free_space(folder, need, what)
 
 
 def read_png(path: str) -> torch.Tensor:
@@ -164,9 +186,9 @@ def write_adm_npz(path: str, files: list[str], threads: int | None = None, chunk
     folder, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f'.{name}.{os.getpid()}.tmp')
     header = {'descr': np.lib.format.dtype_to_descr(np.dtype(np.uint8)), 'fortran_order': False, 'shape': shape}
-    try:
-        with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool, \
-                zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED, allowZip64=True) as archive, \
+    with writing(path, cleanup=[tmp]), ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
+        check_free_space(folder, int(np.prod(shape)) + (1 << 16), path)
+        with zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED, allowZip64=True) as archive, \
                 archive.open('arr_0.npy', 'w', force_zip64=True) as member:
             np.lib.format.write_array_header_1_0(member, header)
             for start in range(0, len(files), chunk):
@@ -176,7 +198,4 @@ def write_adm_npz(path: str, files: list[str], threads: int | None = None, chunk
                                          'the .npz needs one image size')
                     member.write(image.permute(1, 2, 0).contiguous().numpy().tobytes())
         os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return shape

@@ -1,11 +1,14 @@
 """Loading network weights: released `nnet.pth` / `nnet_ema.pth` files (plain state dicts) into a DiM.
 
 A positional table made for another token grid is bilinearly interpolated to the model's, as the
-official loader does (docs/architecture.md §11). Every other mismatch is an error listing the keys.
+official loader does (docs/architecture.md §11). Every other mismatch is an error listing the keys. A file that
+cannot be read raises libs.files.UnreadableFile naming it and what is wrong (empty, truncated, not a torch file).
 """
 import os
 
 import torch
+
+from libs.files import load_torch_file
 
 from .dim import interpolate_pos_table
 
@@ -16,11 +19,13 @@ _PREFIXES = ('module.', '_orig_mod.')   # DDP and torch.compile wrappers
 
 def read_state_dict(path):
     """A plain state dict from a `.pth` file, on CPU."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder: pass the weights file inside it (e.g. {path}/nnet_ema.pth)")
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"network weights not found: {path}. The released DiM checkpoints (nnet_ema.pth) are linked "
             "from https://github.com/tyshiwo1/DiM-DiffusionMamba#checkpoints; see README 'Assets'.")
-    state = torch.load(path, map_location='cpu', weights_only=True)
+    state = load_torch_file(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} is not a plain state_dict of tensors (as nnet.pth / nnet_ema.pth are)")
     return state

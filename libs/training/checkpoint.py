@@ -4,25 +4,35 @@
 
 Every writer puts its files into one hidden staging folder `.tmp-<step>-<token>` and fsyncs them; when all writers
 are done, process 0 renames the folder to `<step>.ckpt`. A folder named `<step>.ckpt` is therefore always complete;
-a kill at any moment leaves at worst a staging folder, which is never read and is removed by the next save.
+a kill at any moment leaves at worst a staging folder, which is never read and is removed by the next save. A write
+that fails (no space left, quota, permission, read-only filesystem) raises libs.files.WriteError naming the file
+and the OS error; the caller removes the staging folder (`remove_path`) and no other checkpoint is touched.
+`checkpoint_bytes` estimates what a set of files takes on disk, to compare with the free space before writing.
+
+A checkpoint saved outside the save schedule (on a stop signal, or by config.train.save_every_minutes) holds
+`interim.pth` ({'reason': str}) too: it is kept only until a newer checkpoint supersedes it (`is_interim`).
 
 Reading uses `torch.load(weights_only=True, mmap=True)`: tensors stay on disk until used, so a process reads only
-the parts it needs. A damaged folder (truncated or missing file) is skipped and the previous one tried; a file that
-is intact but holds objects `weights_only` refuses, or checkpoints of which none can be resumed, raise
-`CheckpointError`: a run never silently restarts from step 0 next to checkpoints it cannot use.
+the parts it needs. A damaged folder (truncated, empty, foreign or missing file: named, with what is wrong) is skipped
+and the previous one tried; a file that is intact but holds objects `weights_only` refuses, or checkpoints of which
+none can be resumed, raise `CheckpointError`: a run never silently restarts from step 0 next to checkpoints it cannot
+use.
 """
 import logging
 import os
-import pickle
 import re
 import shutil
 
 import torch
 
-__all__ = ['FILES', 'CheckpointError', 'DamagedCheckpoint', 'save_checkpoint', 'staging_dir', 'write_files',
-           'commit', 'list_checkpoints', 'read_file', 'load_checkpoint', 'latest_resumable', 'load_latest_checkpoint']
+from libs.files import UnreadableFile, load_torch_file, remove_path, writing
+
+__all__ = ['FILES', 'INTERIM_FILE', 'CheckpointError', 'DamagedCheckpoint', 'save_checkpoint', 'staging_dir',
+           'staging_path', 'write_files', 'commit', 'checkpoint_bytes', 'remove_stale_staging', 'is_interim',
+           'list_checkpoints', 'read_file', 'load_checkpoint', 'latest_resumable', 'load_latest_checkpoint']
 
 FILES = ('nnet.pth', 'nnet_ema.pth', 'optimizer.pth', 'lr_scheduler.pth', 'step.pth', 'rng.pth')
+INTERIM_FILE = 'interim.pth'
 _NAME = re.compile(r'^(\d+)\.ckpt$')
 log = logging.getLogger(__name__)
 
@@ -52,20 +62,79 @@ def list_checkpoints(ckpt_root):
     return sorted(found)
 
 
+def is_interim(path):
+    """Whether the checkpoint folder `path` was saved outside the save schedule (it holds INTERIM_FILE)."""
+    return os.path.isfile(os.path.join(path, INTERIM_FILE))
+
+
 # ------------------------------------------------------------------------------------------------ writing
+def staging_path(ckpt_root, step, token):
+    return os.path.join(ckpt_root, f'.tmp-{step}-{token}')
+
+
 def staging_dir(ckpt_root, step, token):
     """The staging folder of checkpoint `step` for the save identified by `token` (created if missing)."""
-    path = os.path.join(ckpt_root, f'.tmp-{step}-{token}')
-    os.makedirs(path, exist_ok=True)
+    path = staging_path(ckpt_root, step, token)
+    with writing(path):
+        os.makedirs(path, exist_ok=True)
     return path
 
 
 def write_files(folder, states):
-    """torch.save each {file name: object} into `folder` and fsync it."""
+    """torch.save each {file name: object} into `folder` and fsync it; WriteError (naming the file) if one fails.
+
+    The files are written through Python file objects, so that an OS error (no space left...) reaches us as itself
+    rather than as the C++ writer's "unexpected pos" message."""
     for name, obj in states.items():
         path = os.path.join(folder, name)
-        torch.save(obj, path)
-        _fsync(path)
+        with writing(path), open(path, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+# torch.save's zip archive: a record per tensor storage (local and central headers, its name, padding to 64 bytes,
+# its share of the pickled structure: about 150 bytes measured) and per file (about 1.3 KB); 512 bytes and 16 KiB
+# bound them from above.
+_PER_STORAGE, _PER_FILE = 512, 1 << 14
+
+
+def checkpoint_bytes(states):
+    """Upper estimate of the bytes torch.save takes for {file name: object} (every tensor storage once)."""
+    seen, total = set(), 0
+
+    def walk(obj):
+        nonlocal total
+        if torch.is_tensor(obj):
+            storage = obj.untyped_storage()
+            key = (storage.data_ptr(), storage.nbytes())
+            if key not in seen:
+                seen.add(key)
+                total += storage.nbytes() + _PER_STORAGE
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(k)
+                walk(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v)
+        elif isinstance(obj, (str, bytes)):
+            total += len(obj)
+
+    for obj in states.values():
+        walk(obj)
+        total += _PER_FILE
+    return total
+
+
+def remove_stale_staging(ckpt_root, token):
+    """Remove the staging folders of saves other than `token`'s (only safe while this run holds the workdir's
+    lock: they were left by interrupted runs); returns their names."""
+    stale = [name for name in (os.listdir(ckpt_root) if os.path.isdir(ckpt_root) else [])
+             if name.startswith(('.tmp-', '.old-')) and not name.endswith(f'-{token}')]
+    for name in stale:
+        remove_path(os.path.join(ckpt_root, name))
+    return stale
 
 
 def commit(ckpt_root, step, token, keep=None, expect=()):
@@ -78,16 +147,21 @@ def commit(ckpt_root, step, token, keep=None, expect=()):
     missing = [f for f in (*FILES, *expect) if not os.path.isfile(os.path.join(tmp, f))]
     if missing:
         raise RuntimeError(f"checkpoint {step}: the staging folder {tmp} lacks {missing}; not committed")
-    _fsync(tmp)
     final = os.path.join(ckpt_root, f'{step}.ckpt')
-    if os.path.exists(final):                       # re-saving a step: move the old one aside first
-        old = os.path.join(ckpt_root, f'.old-{step}-{token}')
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync(ckpt_root)
+    with writing(final):
+        _fsync(tmp)
+        if os.path.exists(final):                   # re-saving a step: move the old one aside first
+            old = os.path.join(ckpt_root, f'.old-{step}-{token}')
+            os.replace(final, old)
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                os.replace(old, final)              # the old one back: a failed save leaves it as it was
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync(ckpt_root)
     _prune(ckpt_root, keep, current=final, token=token)
     return final
 
@@ -98,10 +172,11 @@ def save_checkpoint(ckpt_root, step, states, keep=None):
         raise ValueError(f"a checkpoint holds at least {FILES}, got {sorted(states)}")
     os.makedirs(ckpt_root, exist_ok=True)
     token = f'{os.getpid()}'
-    tmp = os.path.join(ckpt_root, f'.tmp-{step}-{token}')
+    tmp = staging_path(ckpt_root, step, token)
     shutil.rmtree(tmp, ignore_errors=True)
-    write_files(staging_dir(ckpt_root, step, token), states)
-    return commit(ckpt_root, step, token, keep, expect=[f for f in states if f not in FILES])
+    with writing(tmp, cleanup=[tmp]):
+        write_files(staging_dir(ckpt_root, step, token), states)
+        return commit(ckpt_root, step, token, keep, expect=[f for f in states if f not in FILES])
 
 
 def _prune(ckpt_root, keep, current, token):
@@ -121,21 +196,20 @@ def _prune(ckpt_root, keep, current, token):
 def read_file(folder, name):
     """One checkpoint file, memory-mapped, `weights_only=True`.
 
-    Raises DamagedCheckpoint for a missing or unreadable file, CheckpointError for an intact archive that holds
-    objects `weights_only` refuses (a format problem that would recur in every checkpoint of the run).
+    Raises DamagedCheckpoint for a missing or unreadable file (naming it and what is wrong: empty, truncated, not a
+    torch file), CheckpointError for an intact archive that holds objects `weights_only` refuses (a format problem
+    that would recur in every checkpoint of the run).
     """
     path = os.path.join(folder, name)
     try:
-        return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        if 'Weights only load failed' in str(e):
-            first = next((line for line in str(e).splitlines() if 'GLOBAL' in line or 'Unsupported' in line), '')
-            raise CheckpointError(
-                f"{path} holds objects that torch.load(weights_only=True) refuses ({first.strip()}); it was written "
-                "by an incompatible version of this code and cannot be resumed") from None
-        raise DamagedCheckpoint(f"{path}: {e}") from None
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
-        raise DamagedCheckpoint(f"{path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        return load_torch_file(path, mmap=True)
+    except FileNotFoundError:
+        raise DamagedCheckpoint(f"{path}: missing") from None
+    except UnreadableFile as e:
+        if e.problem.startswith('holds objects'):
+            raise CheckpointError(f"{e}; it was written by an incompatible version of this code and cannot be "
+                                  "resumed") from None
+        raise DamagedCheckpoint(str(e)) from None
 
 
 def load_checkpoint(folder, names=FILES):

@@ -14,6 +14,7 @@ from libs.model.compile import COMPILE_MODES
 from libs.model.memory_estimate import RECOMPUTE_MODES
 from libs.sampling import SamplingSpec
 from libs.training.optimizer import make_lr_scheduler, make_optimizer
+from libs.training.preemption import STOP_SIGNALS
 
 __all__ = ['ConfigError', 'check_config', 'check_batch_split', 'TRAIN_KEYS', 'fid_interval', 'intermediate_n_samples',
            'INTERMEDIATE_N_SAMPLES']
@@ -22,7 +23,7 @@ __all__ = ['ConfigError', 'check_config', 'check_batch_split', 'TRAIN_KEYS', 'fi
 # Keys of config.train that the training script reads; anything else is a typo or a key of another script.
 TRAIN_KEYS = ('n_steps', 'batch_size', 'mode', 'log_interval', 'eval_interval', 'save_interval', 'keep_ckpts',
               'num_workers', 'pin_memory', 'prefetch_factor', 'fid_interval', 'grid_columns', 'report_per_class',
-              'ema_rate')
+              'ema_rate', 'save_every_minutes', 'stop_signals')
 INTERMEDIATE_N_SAMPLES = 10_000     # samples of the in-training FID (the official loop's fid10000)
 
 
@@ -56,6 +57,7 @@ INTEGER_KEYS = (
 # (key, default, test, what it must be): real-valued keys; a None default means "optional, None allowed".
 REAL_KEYS = (
     ('train.ema_rate', 0.9999, lambda v: 0 <= v <= 1, 'a number in [0, 1]'),
+    ('train.save_every_minutes', None, lambda v: v >= 0, 'a number of minutes >= 0 (0 or None: no timed saves)'),
     ('max_grad_norm', None, lambda v: v >= 0, '>= 0 (0 or None: no clipping)'),
     ('optimizer.lr', 2e-4, lambda v: v > 0, 'a number > 0'),
     ('optimizer.weight_decay', 0.03, lambda v: v >= 0, '>= 0'),
@@ -107,6 +109,10 @@ def _choice_problems(config):
         yield f"config.compile={config.get('compile')!r}; expected one of {', '.join(map(repr, COMPILE_MODES))}"
     if tc.get('mode') not in ('cond', 'uncond'):
         yield f"config.train.mode={tc.get('mode')!r}; expected 'cond' or 'uncond'"
+    names = tc.get('stop_signals', ())
+    if not isinstance(names, (tuple, list)) or not set(names) <= set(STOP_SIGNALS):
+        yield (f"config.train.stop_signals={names!r}: must be a list of signal names among {', '.join(STOP_SIGNALS)} "
+               "(empty: the signals keep their default actions)")
 
 
 def _unknown_keys(config):

@@ -10,9 +10,11 @@ Loading stays off the critical path: `config.train.num_workers` worker processes
 `config.train.prefetch_factor` batches ready, default 2), batches in pinned memory when training on CUDA
 (`config.train.pin_memory`, default True; nothing to pin for elsewhere) copied asynchronously; flips, label
 dropout and the autoencoder run on the device, the encoder under the launch's autocast. (The batch sampler is
-endless, so the workers live as long as the run: DataLoader's `persistent_workers` would change nothing.)
+endless, so the workers live as long as the run: DataLoader's `persistent_workers` would change nothing.) The workers
+ignore the run's stop signals (libs.training.preemption).
 """
 import contextlib
+import functools
 import logging
 import os
 
@@ -22,6 +24,7 @@ from libs.config import ConfigError, is_conditional, num_classes
 from libs.data.batching import StepBatchSampler
 from libs.data.datasets import augment_batch, get_dataset
 from libs.data.image_folder import CLASSES_FILE, read_class_record, write_class_record
+from libs.training.preemption import ignore_in_worker, stop_signal_names
 
 __all__ = ['TrainData', 'latent_shape', 'check_classes']
 
@@ -118,7 +121,9 @@ class TrainData:
         if workers * local > (os.cpu_count() or 1):
             log.warning('config.train.num_workers=%d x %d process(es) on this machine = %d loader processes for %d '
                         'CPUs: they will compete for the cores', workers, local, workers * local, os.cpu_count())
-        extra = {'prefetch_factor': tc.get('prefetch_factor', 2)} if workers else {}
+        # the workers ignore the stop signals: a signal to the process group stops the run through this process
+        ignore_stops = functools.partial(ignore_in_worker, stop_signal_names(self.config))
+        extra = {'prefetch_factor': tc.get('prefetch_factor', 2), 'worker_init_fn': ignore_stops} if workers else {}
         return torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=workers,
                                            pin_memory=self.pin_memory, **extra)
 

@@ -7,8 +7,14 @@ Checkpoint layout, `<workdir>/ckpts/<step>.ckpt/` (the released layout plus rng.
     optimizer.pth            unsharded: the AdamW state_dict; sharded (FSDP, ZeRO-2): a manifest
                              {'sharded_by', 'world_size', 'shards'} naming the per-process files
     optimizer.rank<r>.pth    sharded only: process r's optimizer shard, written by process r
+    interim.pth              only in a checkpoint saved outside the schedule (stop signal, save_every_minutes)
 Writers are spread over the processes (nnet.pth: 0, nnet_ema.pth: 1, the unsharded optimizer.pth: 2) so that no
 process waits long for another at the barrier that precedes the atomic rename (libs.training.checkpoint).
+
+Before writing, the size of every process's files is summed and compared with the free space of the checkpoint
+folder (one filesystem, shared by every process of a multi-node run); a write that fails anyway on any process
+removes the staging folder and raises on every process, naming the file and the OS error.
+Earlier checkpoints are never touched by a failed save.
 
 Resume: every process opens the newest checkpoint it can read, memory-mapped (only its own optimizer shard), the
 processes agree on the newest step all of them can read, and each takes its parts. A checkpoint of another launch
@@ -22,12 +28,14 @@ import torch
 import torch.distributed as dist
 from accelerate.utils import set_seed
 
-from libs.distributed import all_gather_object, is_distributed
+from libs.distributed import all_gather_object, failed_ranks, is_distributed, raise_if_any_failed
+from libs.files import check_free_space, remove_path
 from libs.model.build import get_nnet
 from libs.model.compile import compile_in_place
 from libs.model.memory_estimate import choose_recompute
-from libs.training.checkpoint import (FILES, CheckpointError, commit, latest_resumable, list_checkpoints, load_checkpoint,
-                             read_file, staging_dir, write_files)
+from libs.training.checkpoint import (FILES, INTERIM_FILE, CheckpointError, checkpoint_bytes, commit, is_interim,
+                                     latest_resumable, list_checkpoints, load_checkpoint, read_file,
+                                     remove_stale_staging, staging_dir, staging_path, write_files)
 from libs.training.ema import EMA, make_ema
 from libs.training.launch import sharding_kind, trains_in_bf16
 from libs.training.optimizer import load_optimizer_state, make_lr_scheduler, make_optimizer, optimizer_state
@@ -121,10 +129,15 @@ class TrainState:
                 f"ones were finite); stopping without saving checkpoint {self.step}. The last complete checkpoint in "
                 f"{self.ckpt_root} is kept (lower the learning rate or enable gradient clipping).")
 
-    def save(self):
-        """Write checkpoint `step` (every process calls it) after checking the weights are finite; returns its path
-        on process 0, None elsewhere. Old checkpoints are removed by `prune`."""
+    def save(self, interim=None):
+        """Write checkpoint `step` (every process calls it) after checking the weights are finite and that it fits
+        the free space; returns its path on process 0, None elsewhere. `interim`: why a checkpoint outside the save
+        schedule is made (recorded in interim.pth; `prune` removes it once a newer one exists). Old checkpoints are
+        removed by `prune`. A failed write raises on every process (see the module docstring)."""
         self.check_finite()
+        if self.rank == 0:
+            for name in remove_stale_staging(self.ckpt_root, self.token):
+                log.info('removed %s/%s, left by an interrupted save', self.ckpt_root, name)
         writers = self._writers()
         files = {}
         nnet_state = self.layout.gather_full(self.layout.local_tensors(), dst=writers['nnet.pth'])
@@ -140,21 +153,60 @@ class TrainState:
                       'lr_scheduler.pth': self.lr_scheduler.state_dict(), 'step.pth': self.step,
                       'rng.pth': RunRNG.file_state(rng_states, self.rng.device_type)}
         files.update({name: obj for name, obj in everything.items() if writers[name] == self.rank})
-        write_files(staging_dir(self.ckpt_root, self.step, self.token), files)
+        if interim and self.rank == 0:
+            files[INTERIM_FILE] = {'reason': interim}
+        need = sum(all_gather_object(checkpoint_bytes(files)))
+        self._write(files, need)
         del nnet_state, ema_state, everything, files
-        if is_distributed():
-            dist.barrier()                          # every process's files are on disk before the rename
-        if self.rank != 0:
-            return None
-        shards = [shard_file(r) for r in range(self.world)] if self.layout.sharded else []
-        return commit(self.ckpt_root, self.step, self.token, expect=shards)
+        path, error = None, None
+        if self.rank == 0:
+            shards = [shard_file(r) for r in range(self.world)] if self.layout.sharded else []
+            try:
+                path = commit(self.ckpt_root, self.step, self.token, expect=shards)
+            except OSError as e:
+                remove_path(staging_path(self.ckpt_root, self.step, self.token))
+                error = self._not_saved(e)
+        raise_if_any_failed(error, self.layout.device)
+        return path
+
+    def _write(self, files, need):
+        """Every process writes its `files` into the staging folder after the free-space check of the whole
+        checkpoint (`need` bytes); then, collectively, all go on or all raise, process 0 removing the staging
+        folder."""
+        error = None
+        try:
+            check_free_space(self.ckpt_root, need, f'checkpoint {self.step} (all its files)')
+            write_files(staging_dir(self.ckpt_root, self.step, self.token), files)
+        except OSError as e:
+            error = e
+        failed = failed_ranks(error, self.layout.device)   # also the barrier before the rename
+        if not failed:
+            return
+        if self.rank == 0:
+            remove_path(staging_path(self.ckpt_root, self.step, self.token))
+        if error is not None:
+            raise self._not_saved(error)
+        raise RuntimeError(f"checkpoint {self.step} not saved: process(es) {failed} could not write their files "
+                           "(their error is in their log); nothing of it is left on disk, the earlier checkpoints are "
+                           "untouched")
+
+    def _not_saved(self, error):
+        """`error` (an OSError of the save) with what became of the checkpoints."""
+        kept = [s for s, _ in list_checkpoints(self.ckpt_root)]
+        return type(error)(error.errno, f"checkpoint {self.step} not saved: {error}. Nothing of it is left on "
+                                        f"disk; the earlier checkpoints in {self.ckpt_root} ({kept or 'none'}) are "
+                                        "untouched")
 
     def prune(self, keep, protect=()):
-        """Process 0: remove all but the newest `keep` checkpoints (None: keep all), sparing the steps in
+        """Process 0: remove the interim checkpoints (made by a stop signal or save_every_minutes) older than the
+        newest checkpoint, and all but the newest `keep` of the others (None: keep all), sparing the steps in
         `protect` (the best-FID checkpoint, evaluated at the end)."""
-        if keep is None or self.rank != 0:
+        if self.rank != 0:
             return
-        for step, path in list_checkpoints(self.ckpt_root)[:-keep]:
+        ckpts = list_checkpoints(self.ckpt_root)
+        scheduled = [c for c in ckpts if not is_interim(c[1])]
+        doomed = [c for c in ckpts[:-1] if c not in scheduled] + (scheduled[:-keep] if keep is not None else [])
+        for step, path in doomed:
             if step not in protect:
                 shutil.rmtree(path, ignore_errors=True)
 

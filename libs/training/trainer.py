@@ -9,6 +9,12 @@ checkpoint into <workdir>/eval/<step>.ckpt_nnet_ema. Every config.train.eval_int
 grid. A step is scored after its checkpoint is committed; a run stopped in between scores it when resumed.
 config.compile (default, max-autotune, reduce-overhead) compiles the training network in place
 (libs/model/compile.py; one process or DDP; the EMA network used for grids and scores stays eager).
+
+On a cluster (docs/training-on-gpus.md, "Running on a cluster"): the main process holds the workdir's lock
+(libs.files.FolderLock) from before anything is written to the end, so a second run on the same workdir stops at
+once; a stop signal (config.train.stop_signals) ends the run after the step in progress with a checkpoint of it and
+exit code 75 (libs.training.preemption; evaluations due at that step are left to the resumed run); and
+config.train.save_every_minutes adds timed checkpoints.
 """
 import logging
 import os
@@ -18,12 +24,13 @@ from tqdm import tqdm
 
 from libs.distributed import broadcast_from_main, raise_if_any_failed
 from libs.evaluation.evaluate import run_evaluation
-from libs.files import FileChecks
+from libs.files import FileChecks, FolderLock, writing
 from libs.training.config import check_config, fid_interval
 from libs.training.data import TrainData
 from libs.training.evaluation import DIGITS_SCORES, FID_OFF_HINT, Evaluator, load_fid_files
 from libs.training.history import ScoreHistory
 from libs.training.launch import configure_cuda, forward_autocast, make_accelerator
+from libs.training.preemption import RESUME_EXIT_CODE, RunControl, StopSignals, StoppedEarly, stop_signal_names
 from libs.training.run_logging import MetricLog, setup_logging
 from libs.training.state import TrainState, describe
 from libs.training.step import StepValues, TrainStep
@@ -59,9 +66,10 @@ def load_inputs(config, acc, workdir):
 
 
 class Trainer:
-    """A run of `config` (named `name`) in `workdir` on accelerator `acc`; `train()` runs until config.train.n_steps."""
+    """A run of `config` (named `name`) in `workdir` on accelerator `acc`; `train()` runs until config.train.n_steps
+    or a stop signal. `signals`: an active libs.training.preemption.StopSignals, or None (no graceful stop)."""
 
-    def __init__(self, config, workdir, acc, name='config'):
+    def __init__(self, config, workdir, acc, name='config', signals=None):
         self.config, self.workdir, self.acc, self.name = config, workdir, acc, name
         self.is_main = acc.is_main_process
         self.ckpt_root = os.path.join(workdir, 'ckpts')
@@ -69,10 +77,12 @@ class Trainer:
         if self.is_main:
             os.makedirs(self.ckpt_root, exist_ok=True)
             os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
-            with open(os.path.join(workdir, 'config.json'), 'w') as f:
+            with writing(os.path.join(workdir, 'config.json')), open(os.path.join(workdir, 'config.json'), 'w') as f:
                 f.write(config.to_json_best_effort(indent=2))
             self.data.write_class_names(workdir, self.ckpt_root)        # classes.json, for sampling by name
         acc.wait_for_everyone()
+        self.control = RunControl(signals, config.train.get('save_every_minutes'), acc.device, self.is_main)
+        self.stopped = None                             # (signal name, step, checkpoint path) after a stop
         setup_logging(workdir, self.is_main)
         self.data.log_summary()
         configure_cuda(acc.device)
@@ -96,6 +106,9 @@ class Trainer:
         logging.info('in-training score: %s', 'none (config.train.fid_interval=0)' if self.kind is None else
                      f'{self.history.metric} every {fid_interval(config)} steps and at the last, in '
                      f'{self.history.path}')
+        logging.info('stop signals: %s; timed checkpoints: %s', ', '.join(signals.names) if signals and signals.names
+                     else 'none (default actions)', f'every {self.control.period / 60:g} minutes'
+                     if self.control.period else 'none')
         logging.info('outputs in %s', os.path.abspath(workdir))
 
     # ------------------------------------------------------------------------------------------------ schedule
@@ -185,14 +198,30 @@ class Trainer:
         return {'final_evaluation': self.history.final['results']}
 
     # ------------------------------------------------------------------------------------------------ loop
+    def _save(self, interim):
+        path = self.state.save(interim=interim)
+        self.control.saved()
+        if path:
+            logging.info('saved checkpoint %s%s', path, f' ({interim})' if interim else '')
+
+    def _interim_reason(self, decision, save):
+        """Why a checkpoint outside the schedule is due at this step, or None."""
+        if save or not (decision.stop or decision.save_for_time):
+            return None
+        if decision.stop:
+            return f'stop signal {decision.signal_name}'
+        return f'{self.control.minutes_since_save():.1f} minutes since the last save'
+
     def train(self):
         tc, st, acc = self.config.train, self.state, self.acc
-        outputs = self._catch_up()
+        decision = self.control.poll(check_point=True)      # a signal during the set-up: stop before any step
+        outputs = self._catch_up() if not decision.stop else {}
+        decision = self.control.poll(check_point=True)
         start = st.step * acc.gradient_accumulation_steps
         batches = iter(self.data.loader(acc.process_index, acc.num_processes, start))
         bar = tqdm(total=tc.n_steps, initial=st.step, disable=not self.is_main, dynamic_ncols=True, desc='train')
         values, first = StepValues(self.ckpt_root), True
-        while st.step < tc.n_steps:
+        while st.step < tc.n_steps and not decision.stop:
             st.nnet.train()
             loss, grad_norm = self.train_step(batches)
             values.add(st.step, loss, grad_norm)
@@ -201,7 +230,8 @@ class Trainer:
                 self._log_fingerprints()
                 first = False
             save, grid, score = self.due(st.step)
-            if st.step % tc.log_interval == 0:
+            logged = st.step % tc.log_interval == 0
+            if logged:
                 record = values.record(tc.batch_size * acc.gradient_accumulation_steps)
                 self.samples_per_sec = record['samples_per_sec']
                 if self.is_main:
@@ -209,43 +239,96 @@ class Trainer:
                     self.postfix.update(loss=f'{record["loss"]:.4f}', lr=f'{st.lr:.2e}',
                                         img_s=f'{record["samples_per_sec"]:.1f}')
                     bar.set_postfix(self.postfix)
-            elif save or grid or score:
+            decision = self.control.poll(check_point=logged or save or grid or score)
+            interim = self._interim_reason(decision, save)
+            evaluate = (grid or score) and not decision.stop    # a stopping run leaves them to the resumed one
+            if not (save or interim or evaluate):
+                continue
+            if not logged:
                 values.read()                           # a non-finite loss stops the run before any save
-            if save or grid or score:
-                start = time.time()
-                if save:
-                    path = st.save()
-                    if path:
-                        logging.info('saved checkpoint %s', path)
-                outputs.update(self._evaluate(st.step, grid, score) if grid or score else {})
-                st.prune(tc.get('keep_ckpts'), protect={self.history.best_step} if self.history else ())
-                values.exclude_time(time.time() - start)
-                if self.is_main:
-                    bar.set_postfix(self.postfix)
+            began = time.time()
+            if save or interim:
+                self._save(interim)
+            outputs.update(self._evaluate(st.step, grid, score) if evaluate else {})
+            st.prune(tc.get('keep_ckpts'), protect={self.history.best_step} if self.history else ())
+            values.exclude_time(time.time() - began)
+            if self.is_main:
+                bar.set_postfix(self.postfix)
+            if not decision.stop:                       # a signal during the save or the evaluation: stop here
+                decision = self.control.poll(check_point=True)
         values.read()
         bar.close()
+        if decision.stop:
+            return self._stop(decision, outputs)
         record = st.replica_record()
         if self.is_main:
             self.metrics.log({'step': st.step, **record})
+        if self.control.signals is not None and self.control.signals.names:
+            self.control.signals.restore()              # a stop signal ends the (resumable) final evaluation at once
         outputs.update(self._final_evaluation())
         return outputs
+
+    def _stop(self, decision, outputs):
+        """After a stop signal: the checkpoint of the step reached is on disk (or there is none at step 0)."""
+        step = self.state.step
+        path = self.state.checkpoint_path(step) if step else None
+        self.stopped = (decision.signal_name, step, path)
+        if self.is_main:
+            self.metrics.log({'step': step, 'stopped_on_signal': decision.signal_name})
+        return outputs
+
+
+def _lock_workdir(workdir, acc):
+    """The workdir's lock, taken by the main process (every process raises if it is held elsewhere)."""
+    lock, error = FolderLock(workdir, 'training run'), None
+    if acc.is_main_process:
+        try:
+            lock.acquire()
+        except Exception as e:
+            error = e
+    raise_if_any_failed(error, acc.device)
+    return lock
+
+
+def _stop_message(trainer):
+    signal_name, step, path = trainer.stopped
+    where = f'checkpoint {path}' if path else 'no checkpoint (stopped before the first step)'
+    return (f"stopped on {signal_name} at step {step} of {trainer.config.train.n_steps}: {where}. Run the same command "
+            f"again to resume (exit code {RESUME_EXIT_CODE}: stopped early, resume me)")
+
+
+def _report(trainer, outputs):
+    """Main process: where the outputs went, or how the run stopped and how to resume it."""
+    if not trainer.is_main:
+        return
+    trainer.metrics.close()
+    if trainer.stopped:
+        logging.warning('%s', _stop_message(trainer))
+        return
+    print(f"done: {trainer.state.step} steps. checkpoints: {os.path.abspath(trainer.ckpt_root)}")
+    for key, path in outputs.items():
+        print(f"  {key}: {os.path.abspath(path)}")
+    print(f"  log: {os.path.abspath(trainer.metrics.path)}")
 
 
 def train(config, workdir, name='config'):
     """Check `config`, build the launch's Accelerator and train in `workdir` until config.train.n_steps; prints where
-    the outputs went (main process). Every process calls it."""
+    the outputs went (main process). Every process calls it. Raises StoppedEarly (a SystemExit with code 75) after
+    a stop signal, once the checkpoint of the step reached is written."""
     check_config(config)                                # before any heavy work
     acc = make_accelerator(config)                      # refuses launches that cannot work
-    trainer = Trainer(config, workdir, acc, name)       # checks every input file before writing anything
-    outputs = trainer.train()
-    if trainer.is_main:
-        trainer.metrics.close()
-        print(f"done: {trainer.state.step} steps. checkpoints: {os.path.abspath(trainer.ckpt_root)}")
-        for key, path in outputs.items():
-            print(f"  {key}: {os.path.abspath(path)}")
-        print(f"  log: {os.path.abspath(trainer.metrics.path)}")
-    # Tear the process group down before exit: left to the interpreter's shutdown, its threads can die mid-use
-    # and abort a finished run (SIGABRT / SIGBUS seen with 2 gloo processes).
-    acc.wait_for_everyone()
-    acc.end_training()
+    lock = _lock_workdir(workdir, acc)                  # the main process holds it until the end
+    try:
+        with StopSignals(stop_signal_names(config)) as signals:
+            trainer = Trainer(config, workdir, acc, name, signals)   # checks every input file before writing
+            outputs = trainer.train()
+            _report(trainer, outputs)
+            # Tear the process group down before exit: left to the interpreter's shutdown, its threads can die
+            # mid-use and abort a finished run (SIGABRT / SIGBUS seen with 2 gloo processes).
+            acc.wait_for_everyone()
+            acc.end_training()
+    finally:
+        lock.release()
+    if trainer.stopped:
+        raise StoppedEarly(_stop_message(trainer))
     return outputs
