@@ -42,7 +42,9 @@ def get_config():
 
     config.train = d(n_steps=100000, batch_size=256, mode='cond' if conditional else 'uncond',
                      log_interval=10, eval_interval=5000, save_interval=10000, fid_interval=10000, keep_ckpts=3,
-                     num_workers=8, pin_memory=True, prefetch_factor=2)
+                     num_workers=8, pin_memory=True, prefetch_factor=2,
+                     save_every_minutes=60.0,               # a timed checkpoint, kept until the next one (0: none)
+                     stop_signals=('SIGTERM', 'SIGINT', 'SIGUSR1'))   # stop, save, exit 75 (training-on-gpus.md)
     config.optimizer = d(name='adamw', lr=2e-4, weight_decay=0.03, betas=(0.99, 0.99), eps=1e-15, fused=True)
     config.lr_scheduler = d(name='customized', warmup_steps=2500)
 
