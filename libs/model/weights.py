@@ -1,4 +1,5 @@
-"""Loading network weights: released `nnet.pth` / `nnet_ema.pth` files (plain state dicts) into a DiM.
+"""Loading network weights: released `nnet.pth` / `nnet_ema.pth` files (plain state dicts), `.safetensors` files and
+diffusers folders (libs/pipeline) into a DiM.
 
 A positional table made for another token grid is bilinearly interpolated to the model's, as the
 official loader does (docs/architecture.md §11). Every other mismatch is an error listing the keys.
@@ -9,21 +10,47 @@ import torch
 
 from .dim import interpolate_pos_table
 
-__all__ = ['read_state_dict', 'strip_wrapper_prefixes', 'load_nnet_weights', 'load_network']
+__all__ = ['weights_file', 'read_state_dict', 'strip_wrapper_prefixes', 'load_nnet_weights', 'load_network']
 
 _PREFIXES = ('module.', '_orig_mod.')   # DDP and torch.compile wrappers
+SAFETENSORS_NAME = 'diffusion_pytorch_model.safetensors'   # diffusers' name for a model's weights
+
+
+def weights_file(path):
+    """The file holding the weights of `path`: `path` itself, or the safetensors file of a diffusers folder (a
+    pipeline folder of scripts/convert_to_diffusers.py: transformer/<SAFETENSORS_NAME>; a model folder:
+    <SAFETENSORS_NAME>)."""
+    if not os.path.isdir(path):
+        return path
+    for candidate in (os.path.join(path, 'transformer', SAFETENSORS_NAME), os.path.join(path, SAFETENSORS_NAME)):
+        if os.path.isfile(candidate):
+            return candidate
+    raise FileNotFoundError(f"{path} is a folder without DiM weights: expected transformer/{SAFETENSORS_NAME} (a "
+                            f"pipeline folder made by scripts/convert_to_diffusers.py) or {SAFETENSORS_NAME}")
 
 
 def read_state_dict(path):
-    """A plain state dict from a `.pth` file, on CPU."""
+    """A plain state dict from a `.pth` file, a `.safetensors` file or a diffusers folder (`weights_file`), on CPU."""
+    path = weights_file(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"network weights not found: {path}. The released DiM checkpoints (nnet_ema.pth) are linked "
             "from https://github.com/tyshiwo1/DiM-DiffusionMamba#checkpoints; see README 'Assets'.")
+    if path.endswith('.safetensors'):
+        return _read_safetensors(path)
     state = torch.load(path, map_location='cpu', weights_only=True)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} is not a plain state_dict of tensors (as nnet.pth / nnet_ema.pth are)")
     return state
+
+
+def _read_safetensors(path):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(path, device='cpu')
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
 
 
 def strip_wrapper_prefixes(state):
