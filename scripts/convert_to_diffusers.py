@@ -45,8 +45,8 @@ def to_folder(config_path, nnet_path, autoencoder, out):
     parts = [f"transformer {sum(p.numel() for p in pipe.transformer.parameters()):,} parameters",
              f"scheduler {pipe.scheduler.config.algorithm}, {pipe.config.num_inference_steps} steps, "
              f"guidance_scale {pipe.config.guidance_scale}",
-             'vae ' + ('none (pixel space)' if pipe.vae is None else f"{sum(p.numel() for p in pipe.vae.parameters()):,}"
-                       " parameters"),
+             'vae none (pixel space)' if pipe.vae is None else
+             f"vae {sum(p.numel() for p in pipe.vae.parameters()):,} parameters",
              f"{len(pipe.labels)} class names" if pipe.labels else 'no class names']
     print(f"wrote pipeline folder {os.path.abspath(out)}: " + '; '.join(parts))
 

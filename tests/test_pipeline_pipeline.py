@@ -2,6 +2,7 @@
 diffusers' schedulers through the schedule mapping, and loading offline through diffusers' own loader."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -18,7 +19,8 @@ from libs import load_config
 from libs.pipeline import DiMPipeline, DiMScheduler
 from libs.pipeline.convert import pipeline_from_config
 from libs.sampling import SamplingSpec
-from tiny_pipeline import BATCH, SCALE, SEED, STEPS, write_latent_run, write_upsample_config
+from tiny_pipeline import (BATCH, SCALE, SEED, STEPS, write_latent_run, write_unconditional_run,
+                           write_upsample_config)
 
 pytestmark = pytest.mark.filterwarnings('ignore::scipy.linalg.LinAlgWarning')
 
@@ -128,6 +130,20 @@ print(json.dumps(dict(cls=type(generic).__name__, dtype=str(bf16.transformer.dty
     np.testing.assert_array_equal(np.array(result['images'], dtype=np.float32), here)
 
 
+def test_an_unconditional_model_makes_num_images_as_sample_py(tmp_path):
+    paths = write_unconditional_run(str(tmp_path))
+    sample.main(['--config', paths['config'], '--nnet_path', paths['nnet'], '--n-per-class', '3', '--steps', '4',
+                 '--seed', '2', '--out', str(tmp_path / 'sample')])
+    pipe = pipeline_from_config(load_config(paths['config']), paths['nnet'])
+    images = pipe(num_images=3, num_inference_steps=4, generator=2, batch_size=2).images
+    expected = pngs(tmp_path / 'sample', ['0000.png', '0001.png', '0002.png'])
+    assert all(np.array_equal(a, b) for a, b in zip(arrays(images), expected))
+    with pytest.raises(ValueError, match='this model is unconditional: give num_images, not class_labels'):
+        pipe([1])
+    with pytest.raises(ValueError, match='and 1 for an unconditional model'):
+        pipe(num_images=1, guidance_scale=2.0)
+
+
 def test_requests_the_pipeline_refuses(run, pipe, tmp_path):
     with pytest.raises(ValueError, match=r"no class named 'golden retreiver'; closest names: 'golden retriever'"):
         pipe(['golden retreiver'])
@@ -146,3 +162,16 @@ def test_requests_the_pipeline_refuses(run, pipe, tmp_path):
             DiMPipeline.from_pretrained(run['pipeline'])
     finally:
         os.rename(tmp_path / 'w', os.path.join(run['pipeline'], 'transformer', 'diffusion_pytorch_model.safetensors'))
+
+
+def test_the_examples_of_the_getting_images_doc_run(run, tmp_path, monkeypatch):
+    doc = (ROOT / 'docs' / 'getting-images.md').read_text()
+    start = doc.index('## diffusers')
+    blocks = re.findall(r"```python\n(.*?)```", doc[start:], re.S)[:2]
+    os.symlink(run['pipeline'], tmp_path / 'dim-imagenet256')
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    for block in blocks:                                 # the second one goes on with the first one's pipe
+        exec(compile(block, 'getting-images.md', 'exec'), scope)
+        assert [im.size for im in scope['images']] == [(8, 8)] * len(scope['images'])
+    assert len(scope['images']) == 1 and type(scope['pipe'].scheduler).__name__ == 'DPMSolverMultistepScheduler'

@@ -55,9 +55,22 @@ def write_digits_run(root, steps=2):
     and its pipeline folder, `steps` sampler steps."""
     config = load_config(DIGITS)
     torch.manual_seed(0)
+    os.makedirs(root, exist_ok=True)
     nnet = os.path.join(root, 'nnet_ema.pth')
     torch.save(get_nnet(**config.nnet).state_dict(), nnet)
     config.sample.sample_steps = steps
     pipeline = os.path.join(root, 'dim-digits')
     pipeline_from_config(config, nnet).save_pretrained(pipeline)
     return dict(config=DIGITS, nnet=nnet, pipeline=pipeline)
+
+
+def write_unconditional_run(root):
+    """{'config', 'nnet'}: a tiny unconditional pixel-space run (3x8x8, CIFAR-10's data set, the ancestral sampler
+    as the CIFAR-10 config) with random weights."""
+    nnet = dict(TINY, in_channels=3, out_channels=3, sample_size=8, num_embeds_ada_norm=10)
+    config = write_config(os.path.join(root, 'uncond.py'), seed=0, z_shape=(3, 8, 8), nnet=nnet,
+                          train=dict(mode='uncond'), dataset=dict(name='cifar10', path='unused'),
+                          sample=dict(sample_steps=1000, mini_batch_size=2, algorithm='euler_maruyama'))
+    torch.manual_seed(0)
+    torch.save(get_nnet(**nnet).state_dict(), os.path.join(root, 'nnet.pth'))
+    return dict(config=config, nnet=os.path.join(root, 'nnet.pth'))

@@ -160,20 +160,31 @@ class DiMPipeline(DiffusionPipeline):
                              "unconditional model")
         steps = num_inference_steps or self.config.num_inference_steps
         spec, m = self._spec(height, width, steps, scale_of(guidance_scale), seed_of(generator), batch_size or n)
+        upsample = contextlib.nullcontext() if m == 1 else upsampling(
+            self.transformer, spec.z_shape[-1] // self.transformer.patch_size,
+            self.scheduler.skip_tune_for_upsampling())
+        with upsample:
+            images = self._sample(spec, labels, n)
+        self.maybe_free_model_hooks()
+        images = as_output(images, output_type)
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _sample(self, spec, labels, n):
+        """Images 0..n-1 of `spec` in [0, 1], (n, C, H, W) on the CPU, through libs.sampling's generate loop; the
+        network under autocast to its parameters' dtype when they are not fp32."""
         autoencoder = None if self.vae is None else FrozenAutoencoder(self.vae, self.vae.config.scaling_factor)
         dtype = self.transformer.dtype
         autocast = (contextlib.nullcontext if dtype == torch.float32 else
                     lambda: torch.autocast(self.transformer.device.type, dtype=dtype))
         progress = dict(desc='DiM', **getattr(self, '_progress_bar_config', {}))
-        upsample = contextlib.nullcontext() if m == 1 else upsampling(
-            self.transformer, spec.z_shape[-1] // self.transformer.patch_size, self.scheduler.skip_tune_for_upsampling())
-        with upsample:
-            images = torch.cat([x for _, x in sample_batches(self.transformer, spec, spec.index_batches(n), labels,
-                                                             autoencoder=autoencoder, autocast=autocast,
-                                                             progress=progress)])
-        if output_type == 'pil':
-            images = [Image.fromarray(png_array(x)) for x in to_uint8(images)]
-        elif output_type == 'np':
-            images = images.permute(0, 2, 3, 1).numpy()
-        self.maybe_free_model_hooks()
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+        return torch.cat([x for _, x in sample_batches(self.transformer, spec, spec.index_batches(n), labels,
+                                                       autoencoder=autoencoder, autocast=autocast,
+                                                       progress=progress)])
+
+
+def as_output(images, output_type):
+    """(B, C, H, W) floats in [0, 1] as `output_type`: 'pil' (uint8 as sample.py's PNGs), 'np' ((B, H, W, C)
+    floats) or 'pt' (as they are)."""
+    if output_type == 'pil':
+        return [Image.fromarray(png_array(x)) for x in to_uint8(images)]
+    return images.permute(0, 2, 3, 1).numpy() if output_type == 'np' else images
