@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from PIL import Image
 
 import eval_ldm_discrete as ev
@@ -27,11 +27,7 @@ pytestmark = pytest.mark.filterwarnings('ignore::scipy.linalg.LinAlgWarning')
 
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp('run'))
-    paths = write_latent_run(root)
-    paths['pipeline'] = os.path.join(root, 'dim-tiny')
-    pipeline_from_config(load_config(paths['config']), paths['nnet']).save_pretrained(paths['pipeline'])
-    return paths
+    return write_latent_run(str(tmp_path_factory.mktemp('run')))
 
 
 @pytest.fixture(scope='module')

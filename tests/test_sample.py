@@ -6,13 +6,11 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import sample
 from conftest import ROOT
 from libs import load_config
-from libs.pipeline.convert import pipeline_from_config
 from tiny_assets import write_config
 from tiny_pipeline import write_digits_run, write_latent_run, write_unconditional_run
 
@@ -24,11 +22,7 @@ def digits(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def latent(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp('latent'))
-    paths = write_latent_run(root)
-    paths['pipeline'] = os.path.join(root, 'dim-tiny')
-    pipeline_from_config(load_config(paths['config']), paths['nnet']).save_pretrained(paths['pipeline'])
-    return paths
+    return write_latent_run(str(tmp_path_factory.mktemp('latent')))
 
 
 def run(config, nnet, out, *args):

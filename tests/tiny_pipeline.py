@@ -18,8 +18,9 @@ SEED, STEPS, SCALE, BATCH = 7, 3, 0.4, 3
 
 
 def write_latent_run(root, **sample):
-    """{'config', 'nnet', 'vae', 'inception', 'stats'}: paths of a tiny latent run under `root` (dpm_solver,
-    3 steps, guidance 0.4, batches of 3, 5 samples; `sample` overrides config.sample)."""
+    """{'config', 'nnet', 'vae', 'inception', 'stats', 'pipeline'}: paths of a tiny latent run under `root`
+    (dpm_solver, 3 steps, guidance 0.4, batches of 3, 5 samples; `sample` overrides config.sample) and its pipeline
+    folder."""
     paths = write_scoring_assets(root)
     paths.update(nnet=os.path.join(root, 'ckpts', '10.ckpt', 'nnet_ema.pth'), stats=os.path.join(root, 'stats.npz'))
     os.makedirs(os.path.dirname(paths['nnet']), exist_ok=True)
@@ -32,6 +33,8 @@ def write_latent_run(root, **sample):
         dataset=dict(name='imagenet256_features', path='unused', fid_stat=paths['stats']),
         sample=dict(dict(sample_steps=STEPS, n_samples=5, mini_batch_size=BATCH, algorithm='dpm_solver', cfg=True,
                          scale=SCALE, path='', inception_path=paths['inception']), **sample))
+    paths['pipeline'] = os.path.join(root, 'dim-tiny')
+    pipeline_from_config(load_config(paths['config']), paths['nnet']).save_pretrained(paths['pipeline'])
     return paths
 
 

@@ -115,9 +115,8 @@ class DiMPipeline(DiffusionPipeline):
             raise ValueError(f"height and width must be equal multiples of the model's resolution {base * f} "
                              f"({base * f}, {2 * base * f}, ...; above it upsample guidance), got {height}x{width}")
         if isinstance(self.scheduler, DiMScheduler):
-            algorithm, scheduler = self.scheduler.config.algorithm, None
-            upsample = self.scheduler.upsample_options(m) if m > 1 else ()
-            algorithm = 'dpm_solver_upsample_g' if m > 1 else algorithm
+            algorithm = 'dpm_solver_upsample_g' if m > 1 else self.scheduler.config.algorithm
+            scheduler, upsample = None, self.scheduler.upsample_options(m) if m > 1 else ()
         elif m > 1:
             raise ValueError("sizes above the model's resolution need the official sampler (DiMScheduler): upsample "
                              "guidance is not a diffusers scheduler")
@@ -158,7 +157,9 @@ class DiMPipeline(DiffusionPipeline):
         if guidance_scale < 1 or (not self.config.conditional and guidance_scale != 1):
             raise ValueError(f"guidance_scale={guidance_scale}: must be >= 1 (1: no guidance), and 1 for an "
                              "unconditional model")
-        steps = num_inference_steps or self.config.num_inference_steps
+        steps = self.config.num_inference_steps if num_inference_steps is None else num_inference_steps
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size={batch_size!r}: must be an integer >= 1")
         spec, m = self._spec(height, width, steps, scale_of(guidance_scale), seed_of(generator), batch_size or n)
         upsample = contextlib.nullcontext() if m == 1 else upsampling(
             self.transformer, spec.z_shape[-1] // self.transformer.patch_size,
