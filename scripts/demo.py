@@ -22,7 +22,7 @@ from libs.pipeline.convert import pipeline_from_config  # noqa: E402
 from libs.pipeline.demo import serve  # noqa: E402
 
 DIGITS_CONFIG = 'configs/digits_DiM_tiny.py'
-DIGITS_CHECKPOINTS = 'workdir/digits_DiM_tiny/default/ckpts/*.ckpt/nnet_ema.pth'
+DIGITS_RUN = 'workdir/digits_DiM_tiny/default'
 
 
 def parse_args(argv=None):
@@ -37,7 +37,7 @@ def parse_args(argv=None):
 
 def digits_checkpoint():
     """The last checkpoint of the quick start's run, or None."""
-    paths = glob.glob(DIGITS_CHECKPOINTS)
+    paths = glob.glob(os.path.join(DIGITS_RUN, 'ckpts', '*.ckpt', 'nnet_ema.pth'))
     return max(paths, key=lambda p: int(os.path.basename(os.path.dirname(p)).split('.')[0])) if paths else None
 
 
@@ -52,7 +52,7 @@ def load_pipeline(args):
         return pipeline_from_config(load_config(args.config), args.nnet_path)
     nnet_path = digits_checkpoint()
     if nnet_path is None:
-        sys.exit(f"no pipeline given and no digits model in {os.path.dirname(os.path.dirname(DIGITS_CHECKPOINTS))}: "
+        sys.exit(f"no pipeline given and no digits model in {DIGITS_RUN}: "
                  f"train it with `python train_ldm_discrete.py --config={DIGITS_CONFIG}` (minutes on a CPU), or "
                  "pass --pipeline FOLDER or --config C --nnet_path P")
     print(f"serving the digits model {nnet_path}")

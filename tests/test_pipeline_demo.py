@@ -1,6 +1,7 @@
 """The web page of scripts/demo.py: its generate step, and the page itself in a real headless browser (Debian's
 chromium + chromium-driver, which .ci/run installs): pick a class, press generate, see an image of the right size."""
 import os
+import runpy
 import shutil
 import socket
 import subprocess
@@ -35,6 +36,26 @@ def test_generate_makes_the_picked_classes_and_says_how_long_it_took(digits):
     pytest.importorskip('gradio')
     demo = build_demo(pipe)
     assert {'classes', 'generate', 'images', 'timing'} <= {getattr(b, 'elem_id', None) for b in demo.blocks.values()}
+
+
+def test_without_arguments_the_quick_start_model_or_how_to_make_it(digits, tmp_path, monkeypatch, capsys):
+    script = runpy.run_path(str(ROOT / 'scripts' / 'demo.py'))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"no pipeline given and no digits model in workdir/digits_DiM_tiny/default: "
+                                         r"train it with `python train_ldm_discrete.py "
+                                         r"--config=configs/digits_DiM_tiny.py`"):
+        script['load_pipeline'](script['parse_args']([]))
+    (tmp_path / 'configs').symlink_to(ROOT / 'configs')
+    for step in (600, 1200):
+        folder = tmp_path / 'workdir' / 'digits_DiM_tiny' / 'default' / 'ckpts' / f'{step}.ckpt'
+        folder.mkdir(parents=True)
+        shutil.copy(digits['nnet'], folder / 'nnet_ema.pth')
+    pipe = script['load_pipeline'](script['parse_args']([]))
+    assert 'serving the digits model workdir/digits_DiM_tiny/default/ckpts/1200.ckpt/nnet_ema.pth' in \
+        capsys.readouterr().out
+    assert pipe.labels == [str(k) for k in range(10)] and pipe.vae is None
+    with pytest.raises(ValueError, match='--config and --nnet_path go together'):
+        script['load_pipeline'](script['parse_args'](['--config', 'c.py']))
 
 
 def free_port():
