@@ -66,11 +66,11 @@ def test_what_the_converter_refuses(latent, tmp_path):
     with pytest.raises(ValueError, match='convert the 512 weights with configs/imagenet512_H_DiM_ft.py'):
         convert(['--config', write_upsample_config(str(tmp_path), latent), '--nnet_path', latent['nnet'],
                  '--out', str(tmp_path / 'x')])
-    with pytest.raises(FileNotFoundError, match=f"network weights not found: {tmp_path / 'nnet.pth'}"):
-        convert(['--config', latent['config'], '--nnet_path', str(tmp_path / 'nnet.pth'), '--out', str(tmp_path)])
-    with pytest.raises(FileNotFoundError, match=f"VAE checkpoint not found: {tmp_path / 'vae.pth'}. The KL-f8"):
-        convert(['--config', latent['config'], '--nnet_path', latent['nnet'], '--autoencoder',
+    with pytest.raises(FileNotFoundError) as err:                      # both at once, each with its source
+        convert(['--config', latent['config'], '--nnet_path', str(tmp_path / 'nnet.pth'), '--autoencoder',
                  str(tmp_path / 'vae.pth'), '--out', str(tmp_path / 'x')])
+    assert f"network weights not found: {tmp_path / 'nnet.pth'}. The released DiM checkpoints" in str(err.value)
+    assert f"VAE checkpoint not found: {tmp_path / 'vae.pth'}. The KL-f8" in str(err.value)
     with pytest.raises(FileNotFoundError, match=f"{tmp_path} is a folder without DiM weights"):
         convert(['--to-pth', '--nnet_path', str(tmp_path), '--out', str(tmp_path / 'n.pth')])
     convert(['--config', latent['config'], '--nnet_path', latent['nnet'], '--out', str(tmp_path / 'ok')])

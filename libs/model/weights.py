@@ -63,12 +63,12 @@ def strip_wrapper_prefixes(state):
     return out
 
 
-def load_nnet_weights(model, source):
+def load_nnet_weights(model, source, name=None):
     """Load `source` (a path or a state dict) into `model` strictly; returns the model.
 
-    Missing, unexpected or mis-shaped keys raise a RuntimeError that lists them.
+    Missing, unexpected or mis-shaped keys raise a RuntimeError that lists them (and `name`, the source's name).
     """
-    name = source if isinstance(source, str) else '<state dict>'
+    name = name or (source if isinstance(source, str) else '<state dict>')
     state = strip_wrapper_prefixes(read_state_dict(source) if isinstance(source, str) else source)
     own = model.state_dict()
     table = state.get('additional_embed')
@@ -96,5 +96,6 @@ def load_network(config, nnet_path):
     """The DiM of `config` (config.nnet) with the weights of `nnet_path` loaded strictly, in eval mode, without
     gradients; on the CPU. config.nnet.pretrained_path is not read (the weights come from `nnet_path`)."""
     from .build import build_nnet
+    state = read_state_dict(nnet_path)          # a missing file fails before the (maybe large) network is built
     kwargs = {k: v for k, v in config.nnet.to_dict().items() if k != 'pretrained_path'}
-    return load_nnet_weights(build_nnet(**kwargs), nnet_path).eval().requires_grad_(False)
+    return load_nnet_weights(build_nnet(**kwargs), state, name=nnet_path).eval().requires_grad_(False)

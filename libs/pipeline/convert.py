@@ -12,6 +12,7 @@ import torch
 from libs.config import is_conditional
 from libs.data.autoencoder import load_autoencoder
 from libs.data.class_names import class_names
+from libs.files import FileChecks
 from libs.model.weights import load_nnet_weights, read_state_dict, weights_file
 from libs.pipeline.pipeline import DiMPipeline
 from libs.pipeline.scheduler import BASE_ALGORITHMS, DiMScheduler, guidance_scale_of
@@ -40,16 +41,20 @@ def pipeline_from_config(config, nnet_path, autoencoder_path=None):
     config.autoencoder.pretrained_path (none for a pixel-space config), the class names, and the config's sampler,
     steps and guidance as the pipeline's defaults."""
     spec = SamplingSpec.from_config(config)
-    transformer = DiMTransformer2DModel.from_nnet_config(config.nnet)
-    load_nnet_weights(transformer, nnet_path)
-    vae = None
-    if config.get('autoencoder'):
-        autoencoder = load_autoencoder(autoencoder_path or config.autoencoder.pretrained_path, device='cpu')
-        vae = autoencoder.vae
-        vae.register_to_config(scaling_factor=autoencoder.scale_factor)     # the latent scale DiM was trained on
-    elif autoencoder_path:
+    if autoencoder_path and not config.get('autoencoder'):
         raise ValueError(f"{config.dataset.name!r} is a pixel-space config (no config.autoencoder): "
                          f"it takes no autoencoder, got {autoencoder_path}")
+    load = FileChecks()                           # every missing file named at once, before anything is built
+    state = load(read_state_dict, nnet_path)
+    autoencoder = None
+    if config.get('autoencoder'):
+        autoencoder = load(load_autoencoder, autoencoder_path or config.autoencoder.pretrained_path, device='cpu')
+    load.raise_if_missing()
+    transformer = load_nnet_weights(DiMTransformer2DModel.from_nnet_config(config.nnet), state, name=nnet_path)
+    vae = None
+    if autoencoder is not None:
+        vae = autoencoder.vae
+        vae.register_to_config(scaling_factor=autoencoder.scale_factor)     # the latent scale DiM was trained on
     names = class_names(config)
     return DiMPipeline(transformer=transformer.eval(), scheduler=scheduler_of(config), vae=vae,
                        id2label=None if names is None else dict(enumerate(names)),
