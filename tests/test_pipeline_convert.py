@@ -71,7 +71,7 @@ def test_what_the_converter_refuses(latent, tmp_path):
                  str(tmp_path / 'vae.pth'), '--out', str(tmp_path / 'x')])
     assert f"network weights not found: {tmp_path / 'nnet.pth'}. The released DiM checkpoints" in str(err.value)
     assert f"VAE checkpoint not found: {tmp_path / 'vae.pth'}. The KL-f8" in str(err.value)
-    with pytest.raises(FileNotFoundError, match=f"{tmp_path} is a folder without DiM weights"):
+    with pytest.raises(ValueError, match=f"{tmp_path} is a folder: pass the weights file inside it"):
         convert(['--to-pth', '--nnet_path', str(tmp_path), '--out', str(tmp_path / 'n.pth')])
     convert(['--config', latent['config'], '--nnet_path', latent['nnet'], '--out', str(tmp_path / 'ok')])
     config = load_config(latent['config'])

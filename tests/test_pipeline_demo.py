@@ -89,7 +89,6 @@ def headless_chromium():
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver "
                     "(apt-get install chromium chromium-driver; .ci/run installs them)")
 def test_the_page_in_a_browser(digits):

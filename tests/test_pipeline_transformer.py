@@ -101,6 +101,6 @@ def test_missing_or_extra_weights_are_errors_naming_them(tmp_path):
     with pytest.raises(ValueError, match="diffusion_pytorch_model.safetensors is not a readable safetensors file"):
         load_nnet_weights(get_nnet(**TINY), str(tmp_path))
     (tmp_path / 'diffusion_pytorch_model.safetensors').unlink()
-    with pytest.raises(FileNotFoundError, match=f"{tmp_path} is a folder without DiM weights: expected "
-                                                "transformer/diffusion_pytorch_model.safetensors"):
+    with pytest.raises(ValueError, match=f"{tmp_path} is a folder: pass the weights file inside it .*, or a "
+                                         "diffusers folder with transformer/diffusion_pytorch_model.safetensors"):
         load_nnet_weights(get_nnet(**TINY), str(tmp_path))

@@ -13,7 +13,7 @@ from libs.config import is_conditional
 from libs.data.autoencoder import load_autoencoder
 from libs.data.class_names import class_names
 from libs.files import FileChecks
-from libs.model.weights import load_nnet_weights, read_state_dict, weights_file
+from libs.model.weights import load_nnet_weights, read_weights, weights_file
 from libs.pipeline.pipeline import DiMPipeline
 from libs.pipeline.scheduler import BASE_ALGORITHMS, DiMScheduler, guidance_scale_of
 from libs.pipeline.transformer import DiMTransformer2DModel
@@ -45,7 +45,7 @@ def pipeline_from_config(config, nnet_path, autoencoder_path=None):
         raise ValueError(f"{config.dataset.name!r} is a pixel-space config (no config.autoencoder): "
                          f"it takes no autoencoder, got {autoencoder_path}")
     load = FileChecks()                           # every missing file named at once, before anything is built
-    state = load(read_state_dict, nnet_path)
+    state = load(read_weights, nnet_path)
     autoencoder = None
     if config.get('autoencoder'):
         autoencoder = load(load_autoencoder, autoencoder_path or config.autoencoder.pretrained_path, device='cpu')
@@ -65,7 +65,7 @@ def pipeline_from_config(config, nnet_path, autoencoder_path=None):
 def state_dict_of_folder(folder):
     """The backbone weights of a pipeline (or model) folder as the official nnet_ema.pth: the same keys in the same
     order (the network's, which its config.json rebuilds; safetensors files keep keys sorted)."""
-    state = read_state_dict(folder)
+    state = read_weights(folder)
     model_folder = os.path.dirname(weights_file(folder))
     with torch.device('meta'):
         model = DiMTransformer2DModel.from_config(DiMTransformer2DModel.load_config(model_folder))
