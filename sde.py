@@ -7,6 +7,7 @@ Everything here works on any noise-prediction network ``eps_fn(x, timesteps, y) 
 Notation: n in {0..N} is a discrete step, t = n / N the continuous time, abar_n = prod_{i<=n} (1 - beta_i)
 with abar_0 = 1, alpha_t = sqrt(abar), sigma_t = sqrt(1 - abar), lambda_t = log(alpha_t / sigma_t).
 """
+import inspect
 import math
 
 import torch
@@ -265,9 +266,21 @@ def _ddim(eps, z, steps):
     return x
 
 
+def _noise_like(x, generator):
+    """Standard normal noise shaped like x, on x's device: from ``generator`` (on any device), or row b from
+    ``generator[b]`` when it is a list of one generator per sample (the rows then do not depend on the batch)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
+        return torch.stack([_noise_like(row, g) for row, g in zip(x, generator)])
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
 def _ancestral(eps, z, steps, generator=None):
     """Ancestral DDPM sampling over ``discrete_steps(steps)``: the posterior q(x_prev | x_n, x0_hat), variance
-    (1 - abar_prev) / (1 - abar_n) * beta with beta = 1 - abar_n / abar_prev; no noise on the last step."""
+    (1 - abar_prev) / (1 - abar_n) * beta with beta = 1 - abar_n / abar_prev; no noise on the last step.
+    generator: None, one generator, or a list of one generator per sample (``_noise_like``)."""
     abar, x = SCHEDULE.alphas_cumprod, z
     ns = discrete_steps(steps).tolist()
     for n, n_prev in zip(ns[:-1], ns[1:]):
@@ -277,9 +290,28 @@ def _ancestral(eps, z, steps, generator=None):
         x0 = (x - math.sqrt(1.0 - a) * e) / math.sqrt(a)
         x = (math.sqrt(a_prev) * beta / (1.0 - a)) * x0 + (math.sqrt(1.0 - beta) * (1.0 - a_prev) / (1.0 - a)) * x
         if n_prev > 0:
-            device = generator.device if generator is not None else x.device
-            noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
-            x = x + math.sqrt(beta * (1.0 - a_prev) / (1.0 - a)) * noise
+            x = x + math.sqrt(beta * (1.0 - a_prev) / (1.0 - a)) * _noise_like(x, generator)
+    return x
+
+
+def _diffusers_steps(eps, z, steps, scheduler=None, generator=None):
+    """A diffusers scheduler's own loop over its timesteps t in {0..N-1}, the network called at step n = t + 1.
+
+    The scheduler must be made with the betas of SCHEDULE (``scaled_linear`` 0.00085 -> 0.012 over N = 1000 steps,
+    epsilon prediction): its alphas_cumprod[t] is our abar_{t+1}, as diffusers counts steps from 0 and we count
+    the clean data as step 0. Its model input (``scale_model_input``: x / sqrt(sigma^2 + 1) for the Euler family,
+    x as is for DDIM / DPM-Solver) is the variance-preserving x_n the network was trained on. ``generator``
+    (None, one, or one per sample) goes to ``step`` for the stochastic schedulers.
+    """
+    if scheduler is None:
+        raise ValueError("algorithm 'diffusers' needs the option scheduler (a diffusers scheduler object)")
+    scheduler.set_timesteps(steps, device=z.device)
+    takes_generator = 'generator' in inspect.signature(scheduler.step).parameters
+    x = z * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        e = eps(scheduler.scale_model_input(x, t), float(t) + 1)
+        extra = dict(generator=generator) if takes_generator else {}
+        x = scheduler.step(e, t, x, **extra).prev_sample.to(z.dtype)
     return x
 
 
@@ -292,6 +324,7 @@ ALGORITHMS = {
     "dpm_solver_upsample_g": ("multi_times", "ug_theta", "ug_eta", "ug_T"),
     "euler_maruyama": ("generator",),
     "ddim": (),
+    "diffusers": ("scheduler", "generator"),
 }
 
 
@@ -312,6 +345,9 @@ def sample(eps_fn, z, algorithm="dpm_solver", sample_steps=50, y=None, scale=0.0
       * ``euler_maruyama``: ancestral DDPM sampling N -> 0 over ``discrete_steps(steps)``; option ``generator``
         (a seeded torch.Generator) for its noise.
       * ``ddim``: deterministic DDIM over the same steps, for quick previews.
+      * ``diffusers``: a diffusers scheduler (option ``scheduler``, with this schedule's betas) over its own
+        ``steps`` timesteps, the network called at t + 1 (``_diffusers_steps``); option ``generator`` for the
+        stochastic ones.
 
     Classifier-free guidance: eps = eps_c + s (eps_c - eps_u) with s = ``scale``, eps_u from labels
     ``null_class``; s = 0.4 is "1.4" in the eps_u + w (eps_c - eps_u) convention (w = 1 + s). The conditional and
@@ -337,6 +373,8 @@ def sample(eps_fn, z, algorithm="dpm_solver", sample_steps=50, y=None, scale=0.0
         return _dpm_solver(lambda x, t: eps(x, N * t), z, steps, data_pred=True)
     if algorithm == "dpm_solver_upsample_g":
         return _dpm_solver(_upsample_guided(eps, z.shape, **options), z, steps, data_pred=False)
+    if algorithm == "diffusers":
+        return _diffusers_steps(eps, z, steps, **options)
     if steps > N:
         raise ValueError(f"{algorithm} takes at most N={N} steps, got sample_steps={steps}")
     if algorithm == "ddim":

@@ -4,13 +4,14 @@
     for indices, images in sample_batches(nnet, spec, spec.index_batches(n)[rank::world]):
         ...                                                  # images (B, C, H, W) floats in [0, 1], on the CPU
 
-Sample i's initial noise and random class label depend only on (config.seed, i), and a batch's sampler noise
-(the ancestral sampler) only on (config.seed, its first index). Batches are fixed chunks of indices dealt
-round-robin to the processes, so any number of processes, and any batch size for the deterministic samplers, makes
-the same images. The evaluation, the in-training FID, the training's sample grids and the digits report all sample
+Sample i's initial noise, random class label and sampler noise (the ancestral sampler, stochastic diffusers
+schedulers) depend only on (config.seed, i). Batches are fixed chunks of indices dealt round-robin to the processes,
+so any number of processes and any batch size make the same images (up to the float rounding of batched matrix
+products). The evaluation, the in-training FID, the training's sample grids and the digits report all sample
 through `sample_batches`.
 """
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,6 +29,8 @@ SAMPLE_KEYS = ('algorithm', 'sample_steps', 'cfg', 'scale', 'mini_batch_size', '
                'n_samples', 'path', 'inception_path',      # the evaluation (libs.evaluation.evaluate)
                'intermediate_n_samples')                   # the in-training FID (libs.training.evaluation)
 UPSAMPLE_KEYS = ('ug_theta', 'ug_eta', 'ug_T')
+# sde's 'diffusers' sampler takes a scheduler object, which DiMPipeline (libs.pipeline) gives, not a config file.
+CONFIG_ALGORITHMS = tuple(sorted(set(sde.ALGORITHMS) - {'diffusers'}))
 
 
 def _generator(seed, index):
@@ -49,8 +52,8 @@ def _sample_section_problems(s, algorithm, cfg):
     unknown = sorted(set(s.keys()) - set(SAMPLE_KEYS))
     if unknown:
         yield f"unknown key(s) {', '.join('config.sample.' + k for k in unknown)} (known: {', '.join(SAMPLE_KEYS)})"
-    if algorithm not in sde.ALGORITHMS:
-        yield f"config.sample.algorithm={algorithm!r}; expected one of {', '.join(sorted(sde.ALGORITHMS))}"
+    if algorithm not in CONFIG_ALGORITHMS:
+        yield f"config.sample.algorithm={algorithm!r}; expected one of {', '.join(CONFIG_ALGORITHMS)}"
     elif algorithm != 'dpm_solver_upsample_g':
         yield from (f"config.sample.{k} is read only by algorithm 'dpm_solver_upsample_g', not {algorithm!r}"
                     for k in UPSAMPLE_KEYS if k in s)
@@ -69,8 +72,9 @@ class SamplingSpec:
     """What to sample and how, from config.sample (keys keep their names): `algorithm`, `sample_steps`, `scale`
     (the classifier-free guidance s in eps_c + s (eps_c - eps_u); 0 without guidance), the class count `num_classes`
     (K; the null class is K), `conditional`, `seed`, `z_shape`, `mini_batch_size`, `vis_label` (every random label
-    replaced by this class, or None) and the upsample-guidance options (config.nnet.multi_times and
-    config.sample.ug_*) for 'dpm_solver_upsample_g'."""
+    replaced by this class, or None), the upsample-guidance options (config.nnet.multi_times and
+    config.sample.ug_*) for 'dpm_solver_upsample_g', and the diffusers scheduler object of algorithm 'diffusers'
+    (libs.pipeline; never from a config)."""
     algorithm: str
     sample_steps: int
     scale: float
@@ -81,6 +85,7 @@ class SamplingSpec:
     mini_batch_size: int
     vis_label: Optional[int] = None
     upsample: tuple = ()            # ((name, value), ...) for sde.sample
+    scheduler: object = None        # algorithm 'diffusers' only
 
     @classmethod
     def from_config(cls, config):
@@ -105,6 +110,25 @@ class SamplingSpec:
                    conditional=conditional, seed=int(config.seed), z_shape=tuple(config.z_shape),
                    mini_batch_size=int(s.mini_batch_size), vis_label=vis_label, upsample=upsample)
 
+    def replace(self, seed=None, sample_steps=None, scale=None, mini_batch_size=None):
+        """This specification with the given fields changed (None keeps one); ValueError for a value sampling
+        cannot use."""
+        changes = {k: v for k, v in dict(seed=seed, sample_steps=sample_steps, scale=scale,
+                                         mini_batch_size=mini_batch_size).items() if v is not None}
+        for key in ('sample_steps', 'mini_batch_size'):
+            if key in changes and (isinstance(changes[key], bool) or not isinstance(changes[key], int)
+                                   or changes[key] < 1):
+                raise ValueError(f"{key}={changes[key]!r}: must be an integer >= 1")
+        if 'scale' in changes:
+            changes['scale'] = float(changes['scale'])
+            if changes['scale'] < 0:
+                raise ValueError(f"guidance scale={changes['scale']}: must be >= 0")
+            if changes['scale'] > 0 and not self.conditional:
+                raise ValueError("guidance needs a class-conditional model; this one is unconditional")
+        if 'seed' in changes:
+            changes['seed'] = int(changes['seed'])
+        return dataclasses.replace(self, **changes)
+
     def labels(self, indices):
         """(B,) class labels of samples `indices`: uniform over the K classes by (seed, i), or all vis_label; None
         for an unconditional run."""
@@ -122,8 +146,9 @@ class SamplingSpec:
 
     def sde_options(self):
         """Keyword arguments of `sde.sample`."""
+        scheduler = dict(scheduler=self.scheduler) if self.algorithm == 'diffusers' else {}
         return dict(algorithm=self.algorithm, sample_steps=self.sample_steps, scale=self.scale,
-                    null_class=self.num_classes if self.scale > 0 else None, **dict(self.upsample))
+                    null_class=self.num_classes if self.scale > 0 else None, **dict(self.upsample), **scheduler)
 
     def record(self):
         """The fields that determine the images (an evaluation folder's run.json)."""
@@ -143,8 +168,8 @@ def generate(nnet, spec, indices, labels=None, autocast=contextlib.nullcontext):
             return nnet(x, t.float(), y).float()
 
     options = spec.sde_options()
-    if spec.algorithm == 'euler_maruyama':
-        options['generator'] = _generator(spec.seed + 2, indices[0])
+    if spec.algorithm in ('euler_maruyama', 'diffusers'):
+        options['generator'] = [_generator(spec.seed + 2, i) for i in indices]
     z = index_noise(indices, spec.z_shape, spec.seed).to(device)
     y = None if labels is None else torch.as_tensor(labels).to(device)
     return sde.sample(eps_fn, z, y=y, **options)
@@ -152,9 +177,12 @@ def generate(nnet, spec, indices, labels=None, autocast=contextlib.nullcontext):
 
 @torch.no_grad()
 def decode(latents, autoencoder=None):
-    """Latents -> images in [0, 1] (B, C, H, W) on the CPU: decoded by the autoencoder, or pixel space as is."""
-    x = latents if autoencoder is None else autoencoder.decode(latents.to(next(autoencoder.parameters()).device))
-    return ((x.float() + 1) / 2).clamp(0, 1).cpu()
+    """Latents -> images in [0, 1] (B, C, H, W) on the CPU: decoded by the autoencoder (in its parameters' device
+    and dtype), or pixel space as is."""
+    if autoencoder is not None:
+        weight = next(autoencoder.parameters())
+        latents = autoencoder.decode(latents.to(weight.device, weight.dtype))
+    return ((latents.float() + 1) / 2).clamp(0, 1).cpu()
 
 
 def sample_batches(nnet, spec, batches, labels=None, offset=0, autoencoder=None, autocast=contextlib.nullcontext,
@@ -177,8 +205,7 @@ def sample_images(nnet, spec, labels=None, n=None, seed=None, autoencoder=None, 
     class ids), or `n` samples of the specification's labels; `seed` replaces config.seed."""
     if (labels is None) == (n is None):
         raise ValueError("give either labels (one class id per image) or n (the number of images)")
-    if seed is not None:
-        spec = type(spec)(**{**spec.__dict__, 'seed': int(seed)})
+    spec = spec.replace(seed=seed)
     if labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.long)
         if labels.dim() != 1 or (labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < spec.num_classes)):

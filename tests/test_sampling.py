@@ -60,6 +60,7 @@ def test_labels_and_batches_depend_only_on_indices():
     (dict(sample_steps=0), "config.sample.sample_steps=0: must be an integer >= 1"),
     (dict(vis_label=10), "config.sample.vis_label=10 needs a conditional model and 0 <= label < 10"),
     (dict(scale=-1.0), "config.sample.scale=-1.0: must be >= 0"),
+    (dict(algorithm='diffusers'), "config.sample.algorithm='diffusers'; expected one of ddim, dpm_solver, "),
 ])
 def test_bad_sample_sections_are_refused_naming_the_key(change, message):
     config = config_of()
@@ -95,3 +96,18 @@ def test_sample_images_takes_a_seed_and_checks_its_labels(nnet):
         sample_images(nnet, spec, labels=[10])
     with pytest.raises(ValueError, match="either labels"):
         sample_images(nnet, spec)
+
+
+def test_replace_changes_checked_fields_only():
+    spec = SamplingSpec.from_config(config_of())
+    changed = spec.replace(seed=5, sample_steps=7, scale=0, mini_batch_size=2)
+    assert (changed.seed, changed.sample_steps, changed.scale, changed.mini_batch_size) == (5, 7, 0.0, 2)
+    assert spec.replace() == spec and changed.z_shape == spec.z_shape
+    for change, message in [(dict(sample_steps=0), 'sample_steps=0: must be an integer >= 1'),
+                            (dict(mini_batch_size=1.5), 'mini_batch_size=1.5: must be an integer >= 1'),
+                            (dict(scale=-0.1), 'guidance scale=-0.1: must be >= 0')]:
+        with pytest.raises(ValueError, match=message):
+            spec.replace(**change)
+    unconditional = SamplingSpec.from_config(_without(config_of(train=dict(mode='uncond')), 'scale', cfg=False))
+    with pytest.raises(ValueError, match='guidance needs a class-conditional model'):
+        unconditional.replace(scale=1.0)

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
 
 import sde
 
 S = sde.SCHEDULE
+OFFICIAL_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)  # diffusers' names
 MU, SD = 0.3, 0.5  # the analytic data distribution N(MU, SD^2) per element
 
 
@@ -339,6 +340,32 @@ def test_euler_maruyama_matches_diffusers_ddpm():
     torch.testing.assert_close(out, expected, rtol=0, atol=2e-5)
 
 
+def test_diffusers_sampler_with_ddim_and_euler_schedulers_is_the_official_ddim():
+    """DDIM (eta = 0) and Euler steps are the same update in x / alpha; with trailing spacing both visit our steps.
+    Euler with trailing spacing starts from sigma_max z, not sqrt(sigma_max^2 + 1) z (diffusers' init_noise_sigma),
+    that is from the official x_N = z scaled by sqrt(1 - abar_N)."""
+    z = noise(16, 64, seed=2)
+    start = {DDIMScheduler: 1.0, EulerDiscreteScheduler: math.sqrt(1 - S.alphas_cumprod[-1].item())}
+    for scheduler in (DDIMScheduler(**OFFICIAL_BETAS, timestep_spacing="trailing", set_alpha_to_one=True,
+                                    clip_sample=False),
+                      EulerDiscreteScheduler(**OFFICIAL_BETAS, timestep_spacing="trailing")):
+        rec = Recorder(gaussian_eps)
+        out = sde.sample(rec, z, "diffusers", 50, scheduler=scheduler)
+        assert [c["t"][0].item() for c in rec.calls] == sde.discrete_steps(50)[:-1].tolist()   # n = t + 1
+        official = sde.sample(gaussian_eps, z * start[type(scheduler)], "ddim", 50)
+        torch.testing.assert_close(out, official, rtol=0, atol=5e-5)
+
+
+def test_per_sample_generators_make_noise_independent_of_the_batch():
+    z = noise(4, 64, seed=3)
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]
+    whole = sde.sample(gaussian_eps, z, "euler_maruyama", 20, generator=gens([1, 2, 3, 4]))
+    half = sde.sample(gaussian_eps, z[2:], "euler_maruyama", 20, generator=gens([3, 4]))
+    torch.testing.assert_close(half, whole[2:], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="2 generators for a batch of 4"):
+        sde.sample(gaussian_eps, z, "euler_maruyama", 20, generator=gens([1, 2]))
+
+
 #################################################################################
 #                            Upsample guidance                                  #
 #################################################################################
@@ -435,7 +462,8 @@ def test_cfg_docstring_states_convention():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_working_dtype(algorithm, dtype):
     rec = Recorder(lambda x, t, y: gaussian_eps(x, t).float())  # a float32 network output
-    out = sde.sample(rec, noise(2, 4, 4, 4).to(dtype), algorithm, 4)
+    options = dict(scheduler=DDIMScheduler(**OFFICIAL_BETAS)) if algorithm == "diffusers" else {}
+    out = sde.sample(rec, noise(2, 4, 4, 4).to(dtype), algorithm, 4, **options)
     assert out.dtype == dtype and out.shape == (2, 4, 4, 4) and torch.isfinite(out).all()
     assert all(c["t"].dtype == dtype and c["t"].shape == (c["x"].shape[0],) for c in rec.calls)
 
@@ -452,6 +480,7 @@ def test_working_dtype(algorithm, dtype):
     (dict(algorithm="ddim", generator=torch.Generator()), r"\['generator'\] for algorithm 'ddim'"),
     (dict(algorithm="dpm_solver_upsample_g", multi_times=3), r"multi_times=3, got \(2, 4, 8, 8\)"),
     (dict(algorithm="dpm_solver_upsample_g", multi_times=0), "got 0"),
+    (dict(algorithm="diffusers"), "needs the option scheduler"),
 ])
 def test_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):

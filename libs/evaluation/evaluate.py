@@ -45,7 +45,7 @@ from libs.evaluation.sample_scorer import SampleScorer, to_uint8
 from libs.files import FileChecks, FolderLock, file_sha256, write_json
 from libs.config import check_top_level_keys
 from libs.model.compile import check_compile_mode, compile_network
-from libs.model.weights import load_network
+from libs.model.weights import load_network, weights_file
 from libs.sampling import SamplingSpec, sample_batches
 
 __all__ = ['run_evaluation', 'default_output_dir', 'metric_files']
@@ -110,8 +110,9 @@ def _load_inputs(accelerator, config, spec, nnet_path, folder, inception_path, o
             autoencoder = load(load_autoencoder, config.autoencoder.pretrained_path, device=accelerator.device)
         load.raise_if_missing()
         if accelerator.is_main_process:
-            run = dict(config=name, nnet_path=os.path.abspath(nnet_path), nnet_bytes=os.path.getsize(nnet_path),
-                       nnet_sha256=file_sha256(nnet_path),
+            weights = weights_file(nnet_path)          # the file itself, or the one in a diffusers folder
+            run = dict(config=name, nnet_path=os.path.abspath(nnet_path), nnet_bytes=os.path.getsize(weights),
+                       nnet_sha256=file_sha256(weights),
                        autoencoder=config.autoencoder.pretrained_path if autoencoder is not None else None,
                        mixed_precision=accelerator.mixed_precision, n_samples=int(config.sample.n_samples),
                        **spec.record())

@@ -9,7 +9,7 @@ import math
 from .dim import DiM
 from .weights import load_nnet_weights
 
-__all__ = ['PRESETS', 'get_nnet', 'build_nnet']
+__all__ = ['PRESETS', 'get_nnet', 'build_nnet', 'dim_arguments', 'official_arguments']
 
 PRESETS = {
     'Mamba_DiT_S_2': dict(num_attention_heads=1, attention_head_dim=512, num_layers=25, patch_size=2),
@@ -52,6 +52,12 @@ def _square_side(n, what):
 
 def build_nnet(name, **kwargs):
     """A freshly initialised DiM from official-style keyword arguments."""
+    return DiM(**dim_arguments(name, **kwargs))
+
+
+def official_arguments(name, **kwargs):
+    """Every official keyword argument that shapes the network, checked: the preset of `name` and the defaults
+    completed by `kwargs`; the keys without effect (FIXED at their only value, IGNORED) left out."""
     if name not in PRESETS:
         raise ValueError(f"unknown network name {name!r}; expected one of {sorted(PRESETS)}")
     known = set(PRESETS[name]) | set(DEFAULTS) | set(FIXED) | IGNORED
@@ -61,8 +67,13 @@ def build_nnet(name, **kwargs):
     for key, value in FIXED.items():
         if key in kwargs and kwargs[key] != value:
             raise ValueError(f"config.nnet.{key}={kwargs[key]!r} is not supported (only {value!r})")
-    opt = {**DEFAULTS, **PRESETS[name], **{k: v for k, v in kwargs.items() if k not in FIXED and k not in IGNORED}}
+    return {'name': name, **DEFAULTS, **PRESETS[name],
+            **{k: v for k, v in kwargs.items() if k not in FIXED and k not in IGNORED}}
 
+
+def dim_arguments(name, **kwargs):
+    """The `DiM` constructor arguments of official-style keyword arguments; ValueError naming a bad key or value."""
+    opt = official_arguments(name, **kwargs)
     width = opt['num_attention_heads'] * opt['attention_head_dim']
     if opt['out_channels'] not in (None, opt['in_channels']):
         raise ValueError(f"config.nnet.out_channels={opt['out_channels']} must equal in_channels="
@@ -88,10 +99,10 @@ def build_nnet(name, **kwargs):
                              f"expected one of {SKIP_TUNE_SCHEDULES}")
         top, bottom = opt['skip_tune_param']
         skip_tune = (float(top), float(bottom), opt['skip_tune_schedule'])
-    return DiM(width=width, depth=opt['num_layers'], in_channels=opt['in_channels'], patch_size=p,
-               num_classes=opt['num_embeds_ada_norm'], table_grid=table_grid,
-               d_state=opt['mamba_d_state'], d_conv=opt['mamba_d_conv'], expand=opt['mamba_expand'],
-               encoder_start=opt['encoder_start_blk_id'], pad_layout=PAD_SCHEDULES[pads], skip_tune=skip_tune)
+    return dict(width=width, depth=opt['num_layers'], in_channels=opt['in_channels'], patch_size=p,
+                num_classes=opt['num_embeds_ada_norm'], table_grid=table_grid,
+                d_state=opt['mamba_d_state'], d_conv=opt['mamba_d_conv'], expand=opt['mamba_expand'],
+                encoder_start=opt['encoder_start_blk_id'], pad_layout=PAD_SCHEDULES[pads], skip_tune=skip_tune)
 
 
 def get_nnet(name, pretrained_path=None, **kwargs):

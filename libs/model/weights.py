@@ -12,9 +12,11 @@ from libs.files import load_torch_file
 
 from .dim import interpolate_pos_table
 
-__all__ = ['read_state_dict', 'strip_wrapper_prefixes', 'load_nnet_weights', 'load_network']
+__all__ = ['read_state_dict', 'weights_file', 'read_weights', 'strip_wrapper_prefixes', 'load_nnet_weights',
+           'load_network']
 
 _PREFIXES = ('module.', '_orig_mod.')   # DDP and torch.compile wrappers
+SAFETENSORS_NAME = 'diffusion_pytorch_model.safetensors'   # diffusers' name for a model's weights
 
 
 def read_state_dict(path):
@@ -31,6 +33,33 @@ def read_state_dict(path):
     return state
 
 
+def weights_file(path):
+    """The file holding the weights of `path`: `path` itself, or the safetensors file of a diffusers folder (a
+    pipeline folder of scripts/convert_to_diffusers.py: transformer/<SAFETENSORS_NAME>; a model folder:
+    <SAFETENSORS_NAME>)."""
+    if not os.path.isdir(path):
+        return path
+    for candidate in (os.path.join(path, 'transformer', SAFETENSORS_NAME), os.path.join(path, SAFETENSORS_NAME)):
+        if os.path.isfile(candidate):
+            return candidate
+    raise ValueError(f"{path} is a folder: pass the weights file inside it (e.g. {path}/nnet_ema.pth), or a diffusers "
+                     f"folder with transformer/{SAFETENSORS_NAME} (made by scripts/convert_to_diffusers.py)")
+
+
+def read_weights(path):
+    """The state dict of network weights at `path`, on CPU: a `.pth` file (`read_state_dict`), a `.safetensors` file
+    or a diffusers folder (`weights_file`), with the same keys."""
+    path = weights_file(path)
+    if not (path.endswith('.safetensors') and os.path.isfile(path)):
+        return read_state_dict(path)        # .pth files, and the error naming a missing file and its source
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(path, device='cpu')
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+
+
 def strip_wrapper_prefixes(state):
     out = {}
     for key, value in state.items():
@@ -41,13 +70,13 @@ def strip_wrapper_prefixes(state):
     return out
 
 
-def load_nnet_weights(model, source):
-    """Load `source` (a path or a state dict) into `model` strictly; returns the model.
+def load_nnet_weights(model, source, name=None):
+    """Load `source` (a path for `read_weights`, or a state dict) into `model` strictly; returns the model.
 
-    Missing, unexpected or mis-shaped keys raise a RuntimeError that lists them.
+    Missing, unexpected or mis-shaped keys raise a RuntimeError that lists them (and `name`, the source's name).
     """
-    name = source if isinstance(source, str) else '<state dict>'
-    state = strip_wrapper_prefixes(read_state_dict(source) if isinstance(source, str) else source)
+    name = name or (source if isinstance(source, str) else '<state dict>')
+    state = strip_wrapper_prefixes(read_weights(source) if isinstance(source, str) else source)
     own = model.state_dict()
     table = state.get('additional_embed')
     if table is not None and table.shape != own['additional_embed'].shape and table.shape[-1] == own['additional_embed'].shape[-1]:
@@ -74,5 +103,6 @@ def load_network(config, nnet_path):
     """The DiM of `config` (config.nnet) with the weights of `nnet_path` loaded strictly, in eval mode, without
     gradients; on the CPU. config.nnet.pretrained_path is not read (the weights come from `nnet_path`)."""
     from .build import build_nnet
+    state = read_weights(nnet_path)          # a missing file fails before the (maybe large) network is built
     kwargs = {k: v for k, v in config.nnet.to_dict().items() if k != 'pretrained_path'}
-    return load_nnet_weights(build_nnet(**kwargs), nnet_path).eval().requires_grad_(False)
+    return load_nnet_weights(build_nnet(**kwargs), state, name=nnet_path).eval().requires_grad_(False)
