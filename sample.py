@@ -59,7 +59,7 @@ def main(argv=None):
     if spec.conditional != bool(args.classes):
         raise ValueError("give --classes (ids or names)" if spec.conditional else
                          f"{args.config} is unconditional: it takes no --classes")
-    names = class_names(config)
+    names = class_names(config, args.nnet_path)
     ids = resolve_classes(args.classes, names, spec.num_classes) if spec.conditional else [None]
     labels = torch.tensor(ids).repeat_interleave(args.n_per_class) if spec.conditional else None
     n = len(ids) * args.n_per_class

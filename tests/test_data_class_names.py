@@ -4,6 +4,7 @@ import pytest
 from conftest import ROOT
 from libs.config import ConfigError, load_config
 from libs.data.class_names import class_names, resolve_classes
+from libs.data.image_folder import write_class_record
 
 
 def names_of(config_name):
@@ -57,3 +58,25 @@ def test_unknown_names_fail_with_the_closest_names_and_every_problem_at_once():
         resolve_classes(['seven'], None, 10)
     with pytest.raises(ValueError, match=r"class id -1 is out of range"):
         resolve_classes([-1], None, 10)
+
+
+def test_a_runs_classes_json_names_its_classes_and_image_folders_name_theirs(tmp_path):
+    config = load_config(str(ROOT / 'configs' / 'image_folder_DiM_S.py'))
+    folder = tmp_path / 'images'
+    for name in ('tulip', 'rose', 'daisy'):
+        (folder / name).mkdir(parents=True)
+    (folder / '.cache').mkdir()
+    config.dataset = dict(name='image_folder', path=str(folder), resolution=32)
+    config.nnet.num_embeds_ada_norm = 3
+    assert class_names(config) == ['daisy', 'rose', 'tulip']
+    run = tmp_path / 'run'
+    nnet = run / 'ckpts' / '100.ckpt' / 'nnet_ema.pth'
+    nnet.parent.mkdir(parents=True)
+    write_class_record(run / 'ckpts', dict(num_classes=3, classes=['a', 'b', 'c']))
+    assert class_names(config, str(nnet)) == ['a', 'b', 'c']          # the names the network was trained with
+    assert resolve_classes(['B', 2], class_names(config, str(nnet)), 3) == [1, 2]
+    config.dataset = dict(name='features', path=str(tmp_path / 'features'))
+    (tmp_path / 'features').mkdir()
+    assert class_names(config) is None                                   # features without names: ids only
+    write_class_record(tmp_path / 'features', dict(num_classes=3, classes=['x', 'y', 'z']))
+    assert class_names(config) == ['x', 'y', 'z']

@@ -74,14 +74,19 @@ def _image_files(folder):
     return sorted(images), others
 
 
-def _layout(path):
-    """(files, labels, class names, number of non-image files): the folder's images and classes, by the layout
-    rules of the module docstring; ValueError naming the folder where they are broken."""
+def folder_class_names(path):
+    """The class names of the image folder at `path`: its subfolders (not hidden), sorted; [] for images only."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"image folder not found: {path} (expected <path>/<class>/<image> or "
                                 "<path>/<image>)")
+    return [n for n in _visible(os.listdir(path)) if os.path.isdir(os.path.join(path, n))]
+
+
+def _layout(path):
+    """(files, labels, class names, number of non-image files): the folder's images and classes, by the layout
+    rules of the module docstring; ValueError naming the folder where they are broken."""
+    dirs = folder_class_names(path)
     entries = _visible(os.listdir(path))
-    dirs = [n for n in entries if os.path.isdir(os.path.join(path, n))]
     top, others = _image_files_here(path, entries)
     extensions = '/'.join(e[1:] for e in IMAGE_EXTENSIONS)
     if not dirs:

@@ -55,7 +55,7 @@ def pipeline_from_config(config, nnet_path, autoencoder_path=None):
     if autoencoder is not None:
         vae = autoencoder.vae
         vae.register_to_config(scaling_factor=autoencoder.scale_factor)     # the latent scale DiM was trained on
-    names = class_names(config)
+    names = class_names(config, nnet_path)
     return DiMPipeline(transformer=transformer.eval(), scheduler=scheduler_of(config), vae=vae,
                        id2label=None if names is None else dict(enumerate(names)),
                        conditional=is_conditional(config), guidance_scale=guidance_scale_of(spec.scale),
