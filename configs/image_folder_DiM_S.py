@@ -5,7 +5,7 @@ The four commands (README "Train on your own images"; the folder layout and the 
     python scripts/fid_reference_stats.py path/to/my_images FID_STATS --resolution 256
     python scripts/extract_features.py path/to/my_images FEATURES --resolution 256
     python train_ldm_discrete.py --config=configs/image_folder_DiM_S.py
-    python eval_ldm_discrete.py --config=configs/image_folder_DiM_S.py \
+    python sample.py --config=configs/image_folder_DiM_S.py --classes <class name> ... \
         --nnet_path=workdir/image_folder_DiM_S/default/ckpts/<step>.ckpt/nnet_ema.pth
 
 path/to/my_images holds <class name>/**/<image> (class-conditional, the classes are the sorted subfolder names) or

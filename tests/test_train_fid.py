@@ -66,7 +66,7 @@ def test_fid_history_survives_a_kill_and_does_not_depend_on_the_process_count(as
     results = json.loads(open(best['final_evaluation']['results']).read())
     assert results['fid'] == fids[best['best_step']] and results['num_processes'] == 2
     assert sorted(os.listdir(os.path.dirname(best['final_evaluation']['results']))) == sorted(
-        [f'{i}.png' for i in range(N_FID)] + ['run.json', 'results.json'])
+        [f'{i}.png' for i in range(N_FID)] + ['run.json', 'run.lock', 'results.json'])
 
     # Killed right after checkpoint 2 is committed, before its grid and FID; resumed with ONE process.
     killed = tmp_path / 'killed'

@@ -1,7 +1,7 @@
 """train_ldm_discrete.py on image folders the tests write, end to end on CPU: class-conditional and unconditional
 pixel-space runs resume bit-identically after a real kill and sample; the README's four commands (reference
-statistics, features, training from the features with configs/image_folder_DiM_S.py, sampling with
-eval_ldm_discrete.py); damaged files named and counted in an on-the-fly latent run; data that does not fit the
+statistics, features, training from the features with configs/image_folder_DiM_S.py, sampling by class name with
+sample.py), and scoring with eval_ldm_discrete.py; damaged files named and counted in an on-the-fly latent run; data that does not fit the
 config stopped before any step."""
 import json
 import os
@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import sample
 from conftest import ROOT
 from image_folders import folder_config, write_shapes, write_text_as_jpeg, write_truncated_jpeg
 from libs import SamplingSpec, load_config, load_network, sample_images
@@ -59,9 +60,9 @@ def test_runs_resume_exactly_after_a_kill_and_sample(folders, tmp_path, layout, 
 
 
 def test_the_four_commands_of_the_readme(folders, tmp_path):
-    """Reference statistics and features of the folder, training from the features with the template config, and
-    sampling with eval_ldm_discrete.py; a tiny VAE (8 px images <-> 4x4x4 latents) and random Inception weights
-    stand in for the real ones."""
+    """Reference statistics and features of the folder, training from the features with the template config, sampling
+    classes by name with sample.py, and scoring with eval_ldm_discrete.py; a tiny VAE (8 px images <-> 4x4x4
+    latents) and random Inception weights stand in for the real ones."""
     assets = write_scoring_assets(str(tmp_path))
     images, stats, features = folders / 'classes', tmp_path / 'stats.npz', tmp_path / 'features'
     runpy.run_path(str(ROOT / 'scripts' / 'fid_reference_stats.py'))['main'](
@@ -72,10 +73,11 @@ def test_the_four_commands_of_the_readme(folders, tmp_path):
          '--num-workers', '0'])
     assert read_class_names(features) == list(CLASSES)
 
-    small = [f'--config.dataset.path={features}', f'--config.dataset.fid_stat={stats}',
-             f'--config.autoencoder.pretrained_path={assets["vae"]}', '--config.z_shape=(4, 4, 4)',
-             '--config.nnet.sample_size=4', '--config.nnet.attention_head_dim=32', '--config.nnet.num_layers=3',
-             '--config.nnet.num_embeds_ada_norm=3', '--config.sample.n_samples=4', '--config.sample.mini_batch_size=4', '--config.sample.sample_steps=2']
+    values = {'dataset.path': str(features), 'dataset.fid_stat': str(stats), 'autoencoder.pretrained_path': assets['vae'],
+              'z_shape': (4, 4, 4), 'nnet.sample_size': 4, 'nnet.attention_head_dim': 32, 'nnet.num_layers': 3,
+              'nnet.num_embeds_ada_norm': 3, 'sample.n_samples': 4, 'sample.mini_batch_size': 4,
+              'sample.sample_steps': 2}
+    small = [f'--config.{key}={value}' for key, value in values.items()]
     workdir = tmp_path / 'run'
     run(tmp_path, workdir, '--config.train.n_steps=2', '--config.train.batch_size=8', '--config.train.save_interval=2',
         '--config.train.fid_interval=0', '--config.train.num_workers=0', base=[f'--config={TEMPLATE}', *small])
@@ -83,6 +85,14 @@ def test_the_four_commands_of_the_readme(folders, tmp_path):
     assert f'features {features}: 24 items, 3 classes from classes.json' in (workdir / 'output.log').read_text()
 
     nnet = workdir / 'ckpts' / '2.ckpt' / 'nnet_ema.pth'
+    config_file = tmp_path / 'small_template.py'                # sample.py takes a config file, no overrides
+    config_file.write_text(f"import runpy\n\n\ndef get_config():\n    config = runpy.run_path({TEMPLATE!r})['get_config']()\n"
+                           + ''.join(f"    config.{key} = {value!r}\n" for key, value in values.items())
+                           + "    return config\n")
+    out = sample.main([f'--config={config_file}', f'--nnet_path={nnet}', '--classes', CLASSES[2], CLASSES[0].upper(),
+                       '--n-per-class', '2', f'--out={tmp_path / "by_name"}'])
+    assert sorted(os.listdir(out)) == ['0000_class2.png', '0001_class2.png', '0002_class0.png', '0003_class0.png',
+                                       'grid.png']
     proc = subprocess.run([sys.executable, str(ROOT / 'eval_ldm_discrete.py'), f'--config={TEMPLATE}', *small,
                            f'--nnet_path={nnet}', f'--inception_path={assets["inception"]}',
                            f'--output_dir={tmp_path / "samples"}'],

@@ -69,11 +69,13 @@ class Trainer:
     """A run of `config` (named `name`) in `workdir` on accelerator `acc`; `train()` runs until config.train.n_steps
     or a stop signal. `signals`: an active libs.training.preemption.StopSignals, or None (no graceful stop)."""
 
-    def __init__(self, config, workdir, acc, name='config', signals=None):
+    def __init__(self, config, workdir, acc, name='config', signals=None, lock=None):
         self.config, self.workdir, self.acc, self.name = config, workdir, acc, name
         self.is_main = acc.is_main_process
         self.ckpt_root = os.path.join(workdir, 'ckpts')
         self.data, fid_files = load_inputs(config, acc, workdir)
+        if lock is not None:                            # after the input checks, before anything is written
+            _acquire(lock, acc)
         if self.is_main:
             os.makedirs(self.ckpt_root, exist_ok=True)
             os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
@@ -278,16 +280,15 @@ class Trainer:
         return outputs
 
 
-def _lock_workdir(workdir, acc):
+def _acquire(lock, acc):
     """The workdir's lock, taken by the main process (every process raises if it is held elsewhere)."""
-    lock, error = FolderLock(workdir, 'training run'), None
+    error = None
     if acc.is_main_process:
         try:
             lock.acquire()
         except Exception as e:
             error = e
     raise_if_any_failed(error, acc.device)
-    return lock
 
 
 def _stop_message(trainer):
@@ -317,10 +318,10 @@ def train(config, workdir, name='config'):
     a stop signal, once the checkpoint of the step reached is written."""
     check_config(config)                                # before any heavy work
     acc = make_accelerator(config)                      # refuses launches that cannot work
-    lock = _lock_workdir(workdir, acc)                  # the main process holds it until the end
+    lock = FolderLock(workdir, 'training run')          # the main process holds it from before the first write
     try:
         with StopSignals(stop_signal_names(config)) as signals:
-            trainer = Trainer(config, workdir, acc, name, signals)   # checks every input file before writing
+            trainer = Trainer(config, workdir, acc, name, signals, lock)  # checks every input file, then writes
             outputs = trainer.train()
             _report(trainer, outputs)
             # Tear the process group down before exit: left to the interpreter's shutdown, its threads can die
