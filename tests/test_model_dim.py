@@ -168,7 +168,7 @@ def test_model_rejects_invalid_depth_directly():
         DiM(width=32, depth=4, in_channels=4, patch_size=2, num_classes=10, table_grid=4)
 
 
-def _block_forward_plain(self, u, mod, skip=None, gather=None):
+def _block_forward_plain(self, u, mod, skip=None, gather=None, recompute=True):
     """DiMBlock.forward as one straight pass with the plain norm and mixer: the numerical reference."""
     if skip is not None:
         u = self.merge_skip(u, skip).float()
@@ -180,7 +180,7 @@ def _block_forward_plain(self, u, mod, skip=None, gather=None):
     return u + (1 + gate[:, None].float()) * out.float()
 
 
-def _norm_forward_plain(self, x, shift, scale):
+def _norm_forward_plain(self, x, shift, scale, recompute=True):
     return self.norm(x) * (1 + scale[:, None].float()) + shift[:, None].float()
 
 

@@ -6,6 +6,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -167,3 +169,21 @@ def test_two_processes_agree_on_the_stop_step_and_the_timed_saves_at_check_point
     # timer (process 1 has none of its own)
     expected = [(0, False)] * 3 + [(usr1, True)] + [(usr1, False)] * 3 + [(usr1, True)]
     assert decisions == {0: expected, 1: expected}
+
+
+def test_a_process_with_loader_workers_that_ignore_sigterm_exits_at_once(tmp_path):
+    """The workers ignore the stop signals; at the interpreter's exit they are killed, not waited for."""
+    script = tmp_path / 'draw_and_exit.py'
+    script.write_text(f"""import sys
+sys.path.insert(0, {str(ROOT)!r})
+from libs.config import load_config
+from libs.training.data import TrainData
+config = load_config({str(ROOT / 'configs' / 'digits_DiM_tiny.py')!r})
+config.train.update(dict(batch_size=8, num_workers=2))
+batches = iter(TrainData(config, 'cpu').loader(0, 1, 0))     # alive until the interpreter's exit
+x, y = next(batches)
+print('drew', tuple(x.shape))
+""")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert 'drew (8, ' in proc.stdout

@@ -24,7 +24,7 @@ from libs.config import ConfigError, is_conditional, num_classes
 from libs.data.batching import StepBatchSampler
 from libs.data.datasets import augment_batch, get_dataset
 from libs.data.image_folder import CLASSES_FILE, read_class_record, write_class_record
-from libs.training.preemption import ignore_in_worker, stop_signal_names
+from libs.training.preemption import ignore_in_worker, kill_workers_at_exit, stop_signal_names
 
 __all__ = ['TrainData', 'latent_shape', 'check_classes']
 
@@ -123,6 +123,8 @@ class TrainData:
                         'CPUs: they will compete for the cores', workers, local, workers * local, os.cpu_count())
         # the workers ignore the stop signals: a signal to the process group stops the run through this process
         ignore_stops = functools.partial(ignore_in_worker, stop_signal_names(self.config))
+        if workers:
+            kill_workers_at_exit()
         extra = {'prefetch_factor': tc.get('prefetch_factor', 2), 'worker_init_fn': ignore_stops} if workers else {}
         return torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=workers,
                                            pin_memory=self.pin_memory, **extra)

@@ -26,7 +26,9 @@ device-to-host read) to each step; a side channel such as the launcher's key-val
 that run steps ahead of one another settle on one step without waiting for each other, which is what a collective
 at a step they all reach does.
 """
+import atexit
 import logging
+import multiprocessing
 import os
 import signal
 import time
@@ -38,7 +40,7 @@ import torch.distributed as dist
 from libs.distributed import is_distributed
 
 __all__ = ['RESUME_EXIT_CODE', 'STOP_SIGNALS', 'DEFAULT_STOP_SIGNALS', 'StoppedEarly', 'StopSignals', 'RunControl',
-           'Decision', 'ignore_in_worker', 'stop_signal_names']
+           'Decision', 'ignore_in_worker', 'kill_workers_at_exit', 'stop_signal_names']
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +67,32 @@ class StoppedEarly(SystemExit):
 
 def ignore_in_worker(names, worker_id=None):
     """DataLoader `worker_init_fn` (with `functools.partial(ignore_in_worker, names)`): the stop signals ignored, so
-    that a signal to the process group does not kill the workers under the training process."""
+    that a signal to the process group does not kill the workers under the training process. Call
+    `kill_workers_at_exit` in the training process too."""
     for name in names:
         signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+_kill_registered = False
+
+
+def kill_workers_at_exit():
+    """Make the interpreter's exit kill this process's daemonic children (DataLoader workers) still running.
+
+    multiprocessing ends them at exit with SIGTERM and then waits for them; a worker that ignores SIGTERM
+    (`ignore_in_worker`) would make that wait endless, after a finished run and after a crash alike. This exit hook,
+    registered after multiprocessing's own, runs before it."""
+    global _kill_registered
+    if not _kill_registered:
+        atexit.register(_kill_daemonic_children)
+        _kill_registered = True
+
+
+def _kill_daemonic_children():
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=10)
 
 
 class StopSignals:
