@@ -171,8 +171,10 @@ def test_two_processes_agree_on_the_stop_step_and_the_timed_saves_at_check_point
     assert decisions == {0: expected, 1: expected}
 
 
-def test_a_process_with_loader_workers_that_ignore_sigterm_exits_at_once(tmp_path):
-    """The workers ignore the stop signals; at the interpreter's exit they are killed, not waited for."""
+@pytest.mark.parametrize('ending', ['return', 'raise'])
+def test_a_process_with_loader_workers_that_ignore_sigterm_exits_at_once(tmp_path, ending):
+    """The workers ignore the stop signals; at the interpreter's exit, after a finished run or a crash, they are
+    killed, not waited for, and nothing is reported about them."""
     script = tmp_path / 'draw_and_exit.py'
     script.write_text(f"""import sys
 sys.path.insert(0, {str(ROOT)!r})
@@ -183,7 +185,10 @@ config.train.update(dict(batch_size=8, num_workers=2))
 batches = iter(TrainData(config, 'cpu').loader(0, 1, 0))     # alive until the interpreter's exit
 x, y = next(batches)
 print('drew', tuple(x.shape))
+if {ending == 'raise'}:
+    raise RuntimeError('a crash in the training loop')
 """)
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == (1 if ending == 'raise' else 0), proc.stderr
     assert 'drew (8, ' in proc.stdout
+    assert 'DataLoader worker' not in proc.stderr and 'atexit' not in proc.stderr, proc.stderr

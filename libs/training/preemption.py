@@ -29,6 +29,7 @@ at a step they all reach does.
 import atexit
 import logging
 import multiprocessing
+import multiprocessing.util     # registers multiprocessing's exit hook now, so that kill_workers_at_exit's runs first
 import os
 import signal
 import time
@@ -80,8 +81,9 @@ def kill_workers_at_exit():
     """Make the interpreter's exit kill this process's daemonic children (DataLoader workers) still running.
 
     multiprocessing ends them at exit with SIGTERM and then waits for them; a worker that ignores SIGTERM
-    (`ignore_in_worker`) would make that wait endless, after a finished run and after a crash alike. This exit hook,
-    registered after multiprocessing's own, runs before it."""
+    (`ignore_in_worker`) would make that wait endless, after a finished run and after a crash alike. Exit hooks run
+    in the reverse order of registration: this one, registered after multiprocessing's own (this module imports
+    multiprocessing.util, which registers it), runs first."""
     global _kill_registered
     if not _kill_registered:
         atexit.register(_kill_daemonic_children)
@@ -89,10 +91,13 @@ def kill_workers_at_exit():
 
 
 def _kill_daemonic_children():
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
-            child.join(timeout=10)
+    # torch's SIGCHLD handler raises for a worker ended by a signal: at exit that is the intent, not a failure
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(timeout=10)
 
 
 class StopSignals:
