@@ -5,6 +5,7 @@ import os
 import re
 import signal
 import socket
+import time
 
 import psutil
 import pytest
@@ -94,10 +95,10 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
 @pytest.mark.slow
 def test_timed_checkpoints_bound_what_a_sigkill_loses(tmp_path, straight):
     workdir = tmp_path / 'killed'
-    proc, _ = start(tmp_path, workdir, *STEPS, '--config.train.save_every_minutes=0.01')
-    wait_until(lambda: (workdir / 'ckpts').is_dir() and any(s % 6 for s in checkpoint_steps(workdir)), proc)
-    kill_tree(proc.pid)
-    proc.wait()
+    # a period far below a step's time: a timed checkpoint at every check point outside the schedule (steps 2, 4, 8, 10)
+    proc, _ = start(tmp_path, workdir, *STEPS, '--config.train.save_every_minutes=0.0001')
+    _kill_while_stopped(lambda: (workdir / 'ckpts').is_dir() and checkpoint_steps(workdir)[-1:] != []
+                        and checkpoint_steps(workdir)[-1] % 6 != 0, proc)
     newest = checkpoint_steps(workdir)[-1]
     assert 0 < newest < 12 and newest % 6, newest                     # a timed one, outside the schedule
     assert load_checkpoint(str(workdir / 'ckpts' / f'{newest}.ckpt'))['step.pth'] == newest
@@ -105,6 +106,24 @@ def test_timed_checkpoints_bound_what_a_sigkill_loses(tmp_path, straight):
     resumed = run(tmp_path, workdir, *STEPS)
     assert f'resumed from {workdir}/ckpts/{newest}.ckpt' in resumed.stderr
     _same_end(straight, workdir)
+
+
+def _kill_while_stopped(condition, proc, timeout=600):
+    """SIGKILL the run at the first moment `condition()` holds, checked while the run is frozen by SIGSTOP, so that
+    it cannot move past the awaited state between the check and the kill (a step takes milliseconds here)."""
+    deadline, run = time.time() + timeout, psutil.Process(proc.pid)
+    while True:
+        assert proc.poll() is None, f'the run ended (exit code {proc.returncode}) before the awaited state'
+        assert time.time() < deadline, 'timed out'
+        run.suspend()
+        while run.status() not in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE):
+            time.sleep(0.001)
+        if condition():
+            kill_tree(proc.pid)
+            proc.wait()
+            return
+        run.resume()
+        time.sleep(0.005)
 
 
 def test_a_second_run_on_a_held_workdir_is_refused_before_writing(tmp_path):
