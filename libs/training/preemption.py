@@ -28,7 +28,6 @@ at a step they all reach does.
 """
 import atexit
 import logging
-import multiprocessing
 import multiprocessing.util     # registers multiprocessing's exit hook now, so that kill_workers_at_exit's runs first
 import os
 import signal
@@ -74,20 +73,15 @@ def ignore_in_worker(names, worker_id=None):
         signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
-_kill_registered = False
-
-
 def kill_workers_at_exit():
     """Make the interpreter's exit kill this process's daemonic children (DataLoader workers) still running.
 
     multiprocessing ends them at exit with SIGTERM and then waits for them; a worker that ignores SIGTERM
     (`ignore_in_worker`) would make that wait endless, after a finished run and after a crash alike. Exit hooks run
     in the reverse order of registration: this one, registered after multiprocessing's own (this module imports
-    multiprocessing.util, which registers it), runs first."""
-    global _kill_registered
-    if not _kill_registered:
-        atexit.register(_kill_daemonic_children)
-        _kill_registered = True
+    multiprocessing.util, which registers it), runs first. Calling it again registers the hook once."""
+    atexit.unregister(_kill_daemonic_children)
+    atexit.register(_kill_daemonic_children)
 
 
 def _kill_daemonic_children():
