@@ -1,4 +1,4 @@
-"""One prepared check of DiM on a GPU (issues 10, 11 §4, 13): one command, at most 8 minutes, one JSON, one table.
+"""One prepared check of DiM on a GPU: one command, at most 8 minutes, one JSON, one table.
 
 On the device machine (the `run` tool of this workplace; the image has torch, triton, accelerate, timm but not
 ml_collections, which the training-step sections need: carry its wheel). Once, here:
