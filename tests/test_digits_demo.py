@@ -44,5 +44,5 @@ def test_the_quick_start_schedule_generates_the_asked_digits(tmp_path):
         history = {e['step']: e['frechet_distance_digits'] for e in best['history']}
         assert sorted(history) == [interval * k for k in range(1, N_SCORES + 1)]
         assert best['best_step'] == min(history, key=history.get)
-        assert history[best['best_step']] < history[interval]              # the score improves with training
+        assert history[best['best_step']] < history[interval]          # the score improves with training
         assert (tmp_path / f'run{seed}' / 'frechet_distance_digits_curve.png').exists()

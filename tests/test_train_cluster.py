@@ -97,8 +97,15 @@ def test_timed_checkpoints_bound_what_a_sigkill_loses(tmp_path, straight):
     workdir = tmp_path / 'killed'
     # a period far below a step's time: a timed checkpoint at every check point outside the schedule (steps 2, 4, 8, 10)
     proc, _ = start(tmp_path, workdir, *STEPS, '--config.train.save_every_minutes=0.0001')
-    _kill_while_stopped(lambda: (workdir / 'ckpts').is_dir() and any(checkpoint_steps(workdir)[-1:])
-                        and checkpoint_steps(workdir)[-1] % 6 != 0, proc)
+
+    def newest_is_timed():
+        steps = checkpoint_steps(workdir) if (workdir / 'ckpts').is_dir() else []
+        return bool(steps) and steps[-1] % 6 != 0
+
+    # checked while the run is frozen, so that it cannot move past that state between the check and the kill
+    wait_until(lambda: _frozen_if(newest_is_timed, proc), proc)
+    kill_tree(proc.pid)
+    proc.wait()
     newest = checkpoint_steps(workdir)[-1]
     assert 0 < newest < 12 and newest % 6, newest                     # a timed one, outside the schedule
     assert load_checkpoint(str(workdir / 'ckpts' / f'{newest}.ckpt'))['step.pth'] == newest
@@ -108,22 +115,16 @@ def test_timed_checkpoints_bound_what_a_sigkill_loses(tmp_path, straight):
     _same_end(straight, workdir)
 
 
-def _kill_while_stopped(condition, proc, timeout=600):
-    """SIGKILL the run at the first moment `condition()` holds, checked while the run is frozen by SIGSTOP, so that
-    it cannot move past the awaited state between the check and the kill (a step takes milliseconds here)."""
-    deadline, run = time.time() + timeout, psutil.Process(proc.pid)
-    while True:
-        assert proc.poll() is None, f'the run ended (exit code {proc.returncode}) before the awaited state'
-        assert time.time() < deadline, 'timed out'
-        run.suspend()
-        while run.status() not in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE):
-            time.sleep(0.001)
-        if condition():
-            kill_tree(proc.pid)
-            proc.wait()
-            return
-        run.resume()
-        time.sleep(0.005)
+def _frozen_if(condition, proc):
+    """Stop the process with SIGSTOP and check `condition()`; leave it stopped if it holds, else resume it."""
+    process = psutil.Process(proc.pid)
+    process.suspend()
+    while process.status() not in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE):
+        time.sleep(0.001)
+    if condition():
+        return True
+    process.resume()
+    return False
 
 
 def test_a_second_run_on_a_held_workdir_is_refused_before_writing(tmp_path):
